@@ -1,0 +1,19 @@
+"""jspec: lossless speculative decoding for JAX / Flax NNX."""
+
+from jspec import models, sampling, verify
+from jspec.chain import Chain
+from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
+from jspec.sampling import Sampling
+
+__all__ = [
+    "PAD_ID",
+    "Chain",
+    "Output",
+    "Sampling",
+    "Stats",
+    "generate",
+    "models",
+    "sampling",
+    "speculative_generate",
+    "verify",
+]

@@ -1,0 +1,204 @@
+"""A decoder-only transformer (Flax NNX) that scores T new tokens under an arbitrary mask.
+
+`Transformer.__call__(tokens [B, T], positions [B, T], mask [B, T, T], cache)` returns logits
+`[B, T, V]` and the cache with the new keys/values written at each row's current length. Each new
+token attends to its row's committed prefix (`cache.lengths`) plus the new tokens `mask` allows:
+a causal mask scores a chain, a tree's ancestor mask scores a token tree, in one pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jspec.models.config import ModelConfig
+from jspec.models.kv_cache import KVCache, write_new
+
+_NEG_INF = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Hugging Face Llama). x `[B, T, H, D]`, positions `[B, T]`."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(mask: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
+    """Where each new token may look in the cache after its keys are written.
+
+    mask: bool `[B, T, T]` among new tokens; lengths: `[B]` committed slots. Returns bool `[B, T, S]`:
+    slot s is visible iff s < lengths (committed prefix) or s = lengths + j with mask[:, i, j].
+    """
+    t = mask.shape[-1]
+    slots = jnp.arange(size)[None, :]  # [1, S]
+    offset = slots - lengths[:, None]  # [B, S]
+    in_new = (offset >= 0) & (offset < t)
+    new_visible = jnp.take_along_axis(mask, jnp.clip(offset, 0, t - 1)[:, None, :], axis=2)  # [B, T, S]
+    return (offset < 0)[:, None, :] | (in_new[:, None, :] & new_visible)
+
+
+def _norm(config: ModelConfig, features: int, rngs: nnx.Rngs) -> nnx.Module:
+    kw = dict(epsilon=config.norm_eps, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    if config.norm == "rms":
+        return nnx.RMSNorm(features, **kw)
+    return nnx.LayerNorm(features, **kw)
+
+
+def _linear(config: ModelConfig, d_in: int, d_out: int, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention over the KV cache plus the masked new tokens."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        h, hkv, d = config.n_heads, config.n_kv_heads, config.resolved_head_dim
+        self.q_proj = _linear(config, config.d_model, h * d, bias=config.qkv_bias, rngs=rngs)
+        self.k_proj = _linear(config, config.d_model, hkv * d, bias=config.qkv_bias, rngs=rngs)
+        self.v_proj = _linear(config, config.d_model, hkv * d, bias=config.qkv_bias, rngs=rngs)
+        self.o_proj = _linear(config, h * d, config.d_model, bias=False, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = _norm(config, d, rngs)
+            self.k_norm = _norm(config, d, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, d_model]
+        positions: jax.Array,  # [B, T]
+        visible: jax.Array,  # bool [B, T, S]
+        keys: jax.Array,  # [B, S, H_kv, D]
+        values: jax.Array,  # [B, S, H_kv, D]
+        lengths: jax.Array,  # [B]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.config
+        b, t, _ = x.shape
+        h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        q = self.q_proj(x).reshape(b, t, h, d)
+        k = self.k_proj(x).reshape(b, t, hkv, d)
+        v = self.v_proj(x).reshape(b, t, hkv, d)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.positions == "rope":
+            q = rope(q, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg.rope_theta)
+        keys = write_new(keys, k, lengths)
+        values = write_new(values, v, lengths)
+
+        q = q.reshape(b, t, hkv, h // hkv, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(d)
+        scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
+        weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, values).reshape(b, t, h * d)
+        return self.o_proj(out.astype(x.dtype)), keys, values
+
+
+class Mlp(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = config.mlp
+        gated = config.mlp in ("swiglu", "geglu")
+        bias = config.mlp == "gelu"  # GPT-2 style MLPs carry biases
+        if gated:
+            self.gate_proj = _linear(config, config.d_model, config.d_ff, bias=False, rngs=rngs)
+        self.up_proj = _linear(config, config.d_model, config.d_ff, bias=bias, rngs=rngs)
+        self.down_proj = _linear(config, config.d_ff, config.d_model, bias=bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "geglu":
+            return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+        return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(config, config.d_model, rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = _norm(config, config.d_model, rngs)
+        self.mlp = Mlp(config, rngs=rngs)
+
+    def __call__(self, x, positions, visible, keys, values, lengths):
+        a, keys, values = self.attn(self.attn_norm(x), positions, visible, keys, values, lengths)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, keys, values
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer with an explicit KV cache (see module docstring)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.d_model**-0.5),  # logits of unit scale
+            rngs=rngs,
+        )
+        if config.positions == "learned":
+            self.position_embed = nnx.Embed(
+                config.max_seq_len,
+                config.d_model,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=nnx.initializers.normal(0.02),
+                rngs=rngs,
+            )
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = _norm(config, config.d_model, rngs)
+        if not config.tie_embeddings:
+            self.lm_head = _linear(config, config.d_model, config.vocab_size, bias=False, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # int32 [B, T]
+        positions: jax.Array,  # int32 [B, T]
+        mask: jax.Array,  # bool [B, T, T]
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged)."""
+        cfg = self.config
+        x = self.embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+        if cfg.positions == "learned":
+            x = x + self.position_embed(jnp.clip(positions, 0, cfg.max_seq_len - 1))
+        visible = attention_mask(mask, cache.lengths, cache.size)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, positions, visible, cache.keys[i], cache.values[i], cache.lengths)
+            keys.append(k)
+            values.append(v)
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        new_cache = KVCache(keys=jnp.stack(keys), values=jnp.stack(values), lengths=cache.lengths)
+        return logits.astype(jnp.float32), new_cache
+
+
+def causal_mask(batch_size: int, t: int) -> jax.Array:
+    """bool `[B, T, T]` lower-triangular mask for a chain of T new tokens."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch_size, t, t))

@@ -1,0 +1,85 @@
+"""Sampling configuration and the warps that turn logits into the distribution to sample from.
+
+The same warp is applied to the target's and the drafter's logits before any verifier runs, so
+speculative decoding is lossless with respect to the warped target (`shared/methods.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy (one-hot argmax); top_k keeps the k largest logits; top_p keeps the
+    smallest set of most likely tokens whose mass reaches top_p (nucleus)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1
+        ):
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def warp(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Warped probabilities `[..., V]` (float32) from logits `[..., V]`.
+
+    Greedy gives one-hot argmax (lowest index on ties), so every lossless verifier reduces to
+    greedy verification on it.
+    """
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = _top_p_filter(logits, sampling.top_p)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the top token has mass 0 before it
+    cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)  # ties at the cutoff are kept, for p and q alike
+
+
+def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per distribution: probs `[..., V]` -> int32 `[...]`. Zero-probability tokens are never drawn."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def residual(p: jax.Array, q: jax.Array) -> jax.Array:
+    """norm((p - q)+) over the last axis: what to sample from after a rejection.
+
+    `p` may be unnormalised (block verification passes `w * p`). Falls back to norm(p) where
+    (p - q)+ has no mass (p == q up to rounding), a case of probability zero under exact arithmetic
+    that must not produce NaN.
+    """
+    r = jnp.maximum(p - q, 0.0)
+    mass = r.sum(axis=-1, keepdims=True)
+    fallback = p / jnp.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
+    return jnp.where(mass > 1e-12, r / jnp.maximum(mass, 1e-30), fallback)
