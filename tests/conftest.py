@@ -1,0 +1,56 @@
+"""Shared tiny models and statistics helpers for the test suite."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from jspec.models import ModelConfig, Transformer
+
+# Untied head and enlarged weights: tiny random models then produce varied, context-dependent text
+# (a tied random model at standard init repeats one token, which would make greedy tests trivial).
+TINY = ModelConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=False
+)
+
+
+def random_model(config: ModelConfig, seed: int, scale: float = 5.0) -> Transformer:
+    """A random model whose matrices are `scale` times their initial size."""
+    graph, state = nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
+    state = jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, state)
+    return nnx.merge(graph, state)
+
+
+def perturbed(model: Transformer, noise: float, seed: int) -> Transformer:
+    """`model` with Gaussian noise of relative size `noise` on every parameter: a drafter that
+    agrees with the target often but not always."""
+    graph, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + noise * x.std() * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return nnx.merge(graph, jax.tree.unflatten(treedef, leaves))
+
+
+def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
+    """Pearson chi-square p-value of integer `samples` against `probs`; bins expected below
+    `min_expected` are pooled into one so the asymptotic distribution holds."""
+    probs = np.asarray(probs, np.float64)
+    probs = probs / probs.sum()
+    counts = np.bincount(np.asarray(samples).ravel(), minlength=len(probs)).astype(np.float64)
+    expected = probs * counts.sum()
+    small = expected < min_expected
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    if (counts[~keep] > 0).any():  # a zero-probability outcome occurred
+        return 0.0
+    return float(stats.chisquare(counts[keep], expected[keep]).pvalue)
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> Transformer:
+    return random_model(TINY, seed=0)

@@ -1,0 +1,160 @@
+"""jspec.models: cached decoding equals a full causal pass; commits; checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY, random_model
+from jspec.models import (
+    ModelConfig,
+    attention_mask,
+    causal_mask,
+    commit,
+    commit_path,
+    init_cache,
+    load,
+    save,
+    truncate,
+)
+
+VARIANTS = {
+    "llama-gqa": TINY,
+    "qwen-like": dataclasses.replace(TINY, n_kv_heads=4, qkv_bias=True, qk_norm=True),
+    "gpt2-like": dataclasses.replace(TINY, norm="layer", mlp="gelu", positions="learned", tie_embeddings=True),
+    "gemma-like": dataclasses.replace(TINY, n_kv_heads=1, mlp="geglu", scale_embeddings=True, head_dim=16),
+}
+
+
+def _full_logits(model, tokens):
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, _ = model(tokens, positions, causal_mask(b, t), init_cache(model.config, b, t))
+    return logits
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_incremental_decoding_matches_full_causal_forward(name):
+    model = random_model(VARIANTS[name], seed=1)
+    b, t = 3, 12
+    tokens = jax.random.randint(jax.random.key(2), (b, t), 0, TINY.vocab_size)
+    full = _full_logits(model, tokens)
+
+    cache = init_cache(model.config, b, 16)
+    pieces, start = [], 0
+    for size in (4, 1, 3, 1, 1, 2):  # multi-token chunks (as speculative rounds) and single steps
+        chunk = tokens[:, start : start + size]
+        positions = cache.lengths[:, None] + jnp.arange(size)
+        logits, cache = model(chunk, positions, causal_mask(b, size), cache)
+        cache = commit(cache, jnp.full((b,), size, jnp.int32))
+        pieces.append(logits)
+        start += size
+    incremental = jnp.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(incremental, full, atol=2e-4, rtol=1e-4)
+    assert (np.asarray(cache.lengths) == t).all()
+
+
+def test_rows_commit_independently_and_rejected_entries_are_overwritten():
+    """Per-row commits: each row continues after exactly what it committed; entries written past
+    its length (rejected tokens) do not leak into later passes."""
+    model = random_model(TINY, seed=3)
+    b = 3
+    rng = np.random.RandomState(0)
+    prefix = rng.randint(0, TINY.vocab_size, (b, 5))
+    proposed = rng.randint(0, TINY.vocab_size, (b, 4))
+    follow = rng.randint(0, TINY.vocab_size, (b, 3))
+    keep = np.array([0, 2, 4])
+
+    cache = init_cache(TINY, b, 16)
+    _, cache = model(jnp.asarray(prefix), jnp.broadcast_to(jnp.arange(5), (b, 5)), causal_mask(b, 5), cache)
+    cache = commit(cache, jnp.full((b,), 5, jnp.int32))
+    positions = cache.lengths[:, None] + jnp.arange(4)
+    _, cache = model(jnp.asarray(proposed), positions, causal_mask(b, 4), cache)
+    cache = commit(cache, jnp.asarray(keep, jnp.int32))
+    positions = cache.lengths[:, None] + jnp.arange(3)
+    logits, cache = model(jnp.asarray(follow), positions, causal_mask(b, 3), cache)
+
+    for row in range(b):
+        seq = np.concatenate([prefix[row], proposed[row, : keep[row]], follow[row]])[None]
+        expected = _full_logits(model, jnp.asarray(seq))[0, -3:]
+        np.testing.assert_allclose(logits[row], expected, atol=2e-4, rtol=1e-4)
+
+
+def test_commit_path_keeps_only_the_accepted_path():
+    """Score 5 new tokens as a tree (branches 0->2->4 and 0->1, 2->3), keep the path [0, 2, 4];
+    the next pass must see exactly prefix + that path."""
+    model = random_model(TINY, seed=4)
+    b = 2
+    rng = np.random.RandomState(1)
+    prefix = jnp.asarray(rng.randint(0, TINY.vocab_size, (b, 4)))
+    nodes = jnp.asarray(rng.randint(0, TINY.vocab_size, (b, 5)))
+    parent = [-1, 0, 0, 2, 2]
+    depth = [0, 1, 1, 2, 2]
+    ancestor = np.eye(5, dtype=bool)
+    for i in range(5):
+        j = parent[i]
+        while j >= 0:
+            ancestor[i, j] = True
+            j = parent[j]
+
+    cache = init_cache(TINY, b, 16)
+    _, cache = model(prefix, jnp.broadcast_to(jnp.arange(4), (b, 4)), causal_mask(b, 4), cache)
+    cache = commit(cache, jnp.full((b,), 4, jnp.int32))
+    tree_logits, cache = model(
+        nodes, 4 + jnp.broadcast_to(jnp.asarray(depth), (b, 5)), jnp.broadcast_to(jnp.asarray(ancestor), (b, 5, 5)), cache
+    )
+    # Row 0 keeps the whole path, row 1 only its first two nodes (a padded path entry is ignored).
+    path = jnp.asarray([[0, 2, 4], [0, 2, 4]], jnp.int32)
+    path_length = jnp.asarray([3, 2], jnp.int32)
+    cache = commit_path(cache, path, path_length)
+    assert list(np.asarray(cache.lengths)) == [7, 6]
+
+    nxt = jnp.asarray(rng.randint(0, TINY.vocab_size, (b, 1)))
+    logits, _ = model(nxt, cache.lengths[:, None], causal_mask(b, 1), cache)
+    for row, n in enumerate([3, 2]):
+        seq = jnp.concatenate([prefix[row], nodes[row, jnp.asarray([0, 2, 4][:n])], nxt[row]])[None]
+        np.testing.assert_allclose(logits[row, 0], _full_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
+        # Every tree node's logits equal those of a causal pass over its root path.
+    for i in range(5):
+        root_path = [j for j in range(5) if ancestor[i, j]]
+        seq = jnp.concatenate([prefix[0], nodes[0, jnp.asarray(root_path)]])[None]
+        np.testing.assert_allclose(tree_logits[0, i], _full_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
+
+
+def test_truncate_rewinds_lengths():
+    cache = init_cache(TINY, 2, 8)
+    cache = commit(cache, jnp.asarray([5, 3], jnp.int32))
+    assert list(np.asarray(truncate(cache, jnp.asarray([2, 3])).lengths)) == [2, 3]
+
+
+def test_attention_mask_sees_prefix_and_allowed_new_tokens():
+    mask = jnp.asarray([[[True, False], [True, True]]])  # causal over 2 new tokens
+    visible = np.asarray(attention_mask(mask, jnp.asarray([3]), 6))[0]
+    expected = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(visible, expected)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = random_model(VARIANTS["qwen-like"], seed=5)
+    save(model, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, TINY.vocab_size)
+    np.testing.assert_array_equal(_full_logits(loaded, tokens), _full_logits(model, tokens))
+    with pytest.raises(ValueError, match="already exists"):
+        save(model, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="not a jspec checkpoint"):
+        load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("vocab_size", 0), ("n_heads", 3), ("mlp", "relu"), ("norm", "batch"), ("dtype", "float33")],
+)
+def test_bad_config_raises(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(TINY, **{field: value})

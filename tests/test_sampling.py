@@ -1,0 +1,74 @@
+"""jspec.sampling: configuration checks, warps, the shared residual and the sampler."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import chi_square_pvalue
+from jspec.sampling import Sampling, residual, sample, warp
+
+LOGITS = jnp.asarray([[1.0, 3.0, 2.0, 0.0, -1.0], [0.5, 0.5, 4.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(temperature=1.0, top_k=2.5), "top_k"),
+    ],
+)
+def test_bad_sampling_raises(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Sampling(**kwargs)
+
+
+def test_greedy_warp_is_one_hot_argmax():
+    probs = np.asarray(warp(LOGITS, Sampling()))
+    np.testing.assert_array_equal(probs, np.eye(5)[[1, 2]])
+    # Ties go to the lowest index, the same rule as jnp.argmax in verify_greedy.
+    np.testing.assert_array_equal(np.asarray(warp(jnp.asarray([2.0, 5.0, 5.0]), Sampling())), [0, 1, 0])
+
+
+def test_temperature_scales_logits():
+    probs = warp(LOGITS, Sampling(temperature=0.5))
+    np.testing.assert_allclose(probs, jax.nn.softmax(LOGITS / 0.5), rtol=1e-6)
+
+
+def test_top_k_keeps_the_k_largest():
+    probs = np.asarray(warp(LOGITS, Sampling(temperature=1.0, top_k=2)))
+    assert ((probs > 0).sum(axis=-1) == 2).all()
+    np.testing.assert_allclose(probs[0, [1, 2]], jax.nn.softmax(jnp.asarray([3.0, 2.0])), rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    full = np.asarray(jax.nn.softmax(LOGITS[0]))  # sorted masses: .665 .245 .090 .033 .012
+    probs = np.asarray(warp(LOGITS[0], Sampling(temperature=1.0, top_p=0.8)))
+    assert set(np.flatnonzero(probs)) == {1, 2}  # .665 < .8 needs the second token, then stop
+    np.testing.assert_allclose(probs[[1, 2]], full[[1, 2]] / full[[1, 2]].sum(), rtol=1e-6)
+    only_top = np.asarray(warp(LOGITS[0], Sampling(temperature=1.0, top_p=0.5)))
+    np.testing.assert_array_equal(only_top > 0, np.eye(5)[1] > 0)
+    np.testing.assert_allclose(np.asarray(warp(LOGITS, Sampling(1.0, top_p=1.0))), jax.nn.softmax(LOGITS), rtol=1e-6)
+
+
+def test_residual_is_normalised_positive_part():
+    p = jnp.asarray([0.5, 0.3, 0.2])
+    q = jnp.asarray([0.2, 0.6, 0.2])
+    np.testing.assert_allclose(residual(p, q), [1.0, 0.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(residual(p, p), p, atol=1e-7)  # no mass left: falls back to p
+    np.testing.assert_allclose(residual(2 * p, q), [0.8 / 1.0, 0.0, 0.2 / 1.0], atol=1e-6)  # unnormalised p
+
+
+def test_sample_follows_probs_and_never_draws_zero_mass():
+    probs = jnp.asarray([0.1, 0.0, 0.6, 0.3])
+    draws = np.asarray(sample(jax.random.key(0), jnp.broadcast_to(probs, (50_000, 4))))
+    assert not (draws == 1).any()
+    assert chi_square_pvalue(draws, probs) > 1e-3
