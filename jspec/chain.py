@@ -150,7 +150,8 @@ def chain_round(
     drafter_cache = truncate(drafter_cache, target_cache.lengths - 1)
     tokens = emitted_tokens(draft_tokens, verdict)
     # seq[-2] after the round: the last accepted draft, or the old `last` if none was accepted.
-    prev_new = jnp.where(verdict.accepted > 0, jnp.take_along_axis(tokens, (verdict.accepted - 1)[:, None].clip(0), axis=1)[:, 0], carry.last)
+    sequence = jnp.concatenate([carry.last[:, None], draft_tokens], axis=1)  # [B, k+1]
+    prev_new = jnp.take_along_axis(sequence, verdict.accepted[:, None], axis=1)[:, 0]
     carry = ChainCarry(
         target_cache=target_cache,
         drafter_cache=drafter_cache,

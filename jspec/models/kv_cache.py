@@ -47,14 +47,21 @@ def init_cache(config: ModelConfig, batch_size: int, size: int, dtype=None) -> K
     )
 
 
-def write_new(buffer: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Write `new [B, T, ...]` into `buffer [B, S, ...]` at slot `lengths[b]` of each row."""
+def new_slots(lengths: jax.Array, t: int) -> jax.Array:
+    """Slots of T new tokens: `lengths[b] + i`, int32 `[B, T]`."""
+    return lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
 
-    def write_row(row, update, start):
-        starts = (start,) + (0,) * (row.ndim - 1)
-        return jax.lax.dynamic_update_slice(row, update.astype(row.dtype), starts)
 
-    return jax.vmap(write_row)(buffer, new, lengths)
+def write_layer(buffer: jax.Array, layer: int, new: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Write `new [B, T, H, D]` into layer `layer` of `buffer [L, B, S, H, D]` at each row's length.
+
+    A scatter into the one cache buffer (no per-layer copy), which XLA performs in place inside a
+    while_loop. Slots past S are dropped rather than clamped, so an undersized cache can never
+    shift entries onto committed ones.
+    """
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    return buffer.at[layer, rows, new_slots(lengths, t)].set(new.astype(buffer.dtype), mode="drop")
 
 
 def commit(cache: KVCache, n: jax.Array) -> KVCache:
@@ -69,22 +76,14 @@ def commit_path(cache: KVCache, path: jax.Array, path_length: jax.Array) -> KVCa
     path, as a tree's parents precede their children); entries past `path_length[b]` are ignored.
     path_length: int32 `[B]`. The entries at `lengths + path[:, i]` move to `lengths + i`.
     """
-    p = path.shape[1]
-    slots = cache.lengths[:, None] + jnp.clip(path, 0, None)  # [B, P]
-    slots = jnp.minimum(slots, cache.size - 1)
+    b, p = path.shape
+    rows = jnp.arange(b)[:, None]
+    source = cache.lengths[:, None] + jnp.clip(path, 0, None)  # [B, P]
+    keep = jnp.arange(p)[None, :] < path_length[:, None]
+    dest = jnp.where(keep, new_slots(cache.lengths, p), cache.size)  # slot S: dropped
 
-    def move(buffer):  # [L, B, S, H, D]
-        gathered = jnp.take_along_axis(buffer, slots[None, :, :, None, None], axis=2)  # [L, B, P, H, D]
-        keep = (jnp.arange(p)[None, :] < path_length[:, None])[None, :, :, None, None]
-        current = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, p, axis=1), in_axes=(1, 0), out_axes=1)(
-            buffer, cache.lengths
-        )
-        update = jnp.where(keep, gathered, current)
-        return jax.vmap(
-            lambda row, upd, start: jax.lax.dynamic_update_slice_in_dim(row, upd, start, axis=1),
-            in_axes=(1, 1, 0),
-            out_axes=1,
-        )(buffer, update, cache.lengths)
+    def move(buffer):  # [L, B, S, H, D]; all gathers happen before any write
+        return buffer.at[:, rows, dest].set(buffer[:, rows, source], mode="drop")
 
     return KVCache(
         keys=move(cache.keys),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jspec.models.config import ModelConfig
-from jspec.models.kv_cache import KVCache, write_new
+from jspec.models.kv_cache import KVCache, write_layer
 
 _NEG_INF = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
 
@@ -82,10 +82,9 @@ class Attention(nnx.Module):
         x: jax.Array,  # [B, T, d_model]
         positions: jax.Array,  # [B, T]
         visible: jax.Array,  # bool [B, T, S]
-        keys: jax.Array,  # [B, S, H_kv, D]
-        values: jax.Array,  # [B, S, H_kv, D]
-        lengths: jax.Array,  # [B]
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cache: KVCache,  # all layers; this layer's new keys/values are written at `layer`
+        layer: int,
+    ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
         h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
@@ -97,15 +96,19 @@ class Attention(nnx.Module):
         if cfg.positions == "rope":
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
-        keys = write_new(keys, k, lengths)
-        values = write_new(values, v, lengths)
+        cache = KVCache(
+            keys=write_layer(cache.keys, layer, k, cache.lengths),
+            values=write_layer(cache.values, layer, v, cache.lengths),
+            lengths=cache.lengths,
+        )
+        keys, values = cache.keys[layer], cache.values[layer]  # [B, S, H_kv, D]
 
         q = q.reshape(b, t, hkv, h // hkv, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(d)
         scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values).reshape(b, t, h * d)
-        return self.o_proj(out.astype(x.dtype)), keys, values
+        return self.o_proj(out.astype(x.dtype)), cache
 
 
 class Mlp(nnx.Module):
@@ -135,11 +138,11 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(config, config.d_model, rngs)
         self.mlp = Mlp(config, rngs=rngs)
 
-    def __call__(self, x, positions, visible, keys, values, lengths):
-        a, keys, values = self.attn(self.attn_norm(x), positions, visible, keys, values, lengths)
+    def __call__(self, x, positions, visible, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
+        a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
-        return x, keys, values
+        return x, cache
 
 
 class Transformer(nnx.Module):
@@ -185,18 +188,14 @@ class Transformer(nnx.Module):
         if cfg.positions == "learned":
             x = x + self.position_embed(jnp.clip(positions, 0, cfg.max_seq_len - 1))
         visible = attention_mask(mask, cache.lengths, cache.size)
-        keys, values = [], []
-        for i, block in enumerate(self.blocks):
-            x, k, v = block(x, positions, visible, cache.keys[i], cache.values[i], cache.lengths)
-            keys.append(k)
-            values.append(v)
+        for layer, block in enumerate(self.blocks):
+            x, cache = block(x, positions, visible, cache, layer)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
-        new_cache = KVCache(keys=jnp.stack(keys), values=jnp.stack(values), lengths=cache.lengths)
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32), cache
 
 
 def causal_mask(batch_size: int, t: int) -> jax.Array:
