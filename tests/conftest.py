@@ -34,6 +34,13 @@ def perturbed(model: Transformer, noise: float, seed: int) -> Transformer:
     return nnx.merge(graph, jax.tree.unflatten(treedef, leaves))
 
 
+@nnx.jit
+def forward(model: Transformer, tokens, positions, mask, cache):
+    """`model(tokens, positions, mask, cache)`, compiled once per shape (eager op-by-op dispatch
+    of a whole transformer is slower than compiling it)."""
+    return model(tokens, positions, mask, cache)
+
+
 def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
     """Pearson chi-square p-value of integer `samples` against `probs`; bins expected below
     `min_expected` are pooled into one so the asymptotic distribution holds."""
