@@ -2,7 +2,7 @@
 
     python -m infer.bench --json FILE [--ks 2 4 6] [--verifiers sampling block] [--temperatures 0 1] ...
 
-Each method is called once untimed (compile) and timed as the mean of --repeats calls. Next to
+Each method is called once untimed (compile) and timed as the median of --repeats calls. Next to
 the measured speedup over AR (at the same temperature) each record gives the speedup predicted
 from measured per-pass costs, tau * t_target(1) / (k * t_draft + t_target(k+1)), and the ratio
 achieved / theoretical, which shows how much the decode loop's overheads cost. Writes a JSON list
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="sampling temperatures (default: 0 1)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per row (default: 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method, after the compile call (default: 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method, after the compile call (default: 5)")
     return parser
 
 
@@ -72,9 +72,9 @@ def forward_costs(
 
 
 def timed_run(fn, repeats: int) -> tuple[float, jspec.Output]:
-    """Mean seconds of `repeats` calls of fn after an untimed compile call, and its output."""
+    """Median seconds of `repeats` calls of fn after an untimed compile call, and its output."""
     seconds, output = time_calls(fn, repeats)
-    return statistics.mean(seconds), output
+    return statistics.median(seconds), output
 
 
 def make_record(

@@ -60,7 +60,7 @@ def _forward_loop(graph, state, tokens: jax.Array, cache: KVCache, passes: int) 
 
 
 def forward_seconds(
-    model: Transformer, prompts: jax.Array, cache_size: int, n_new: int, *, passes: int = 8, runs: int = 5
+    model: Transformer, prompts: jax.Array, cache_size: int, n_new: int, *, passes: int = 32, runs: int = 7
 ) -> float:
     """Seconds of one forward pass of `model` over n_new tokens per row, after `prompts` `[B, P]`
     were prefilled into a cache of cache_size slots: the median over `runs` compiled loops of

@@ -77,18 +77,17 @@ def verify_sampling(key, draft_tokens, draft_probs, target_probs) -> Verdict:
 
 
 def block_weights(draft_tokens, draft_probs, target_probs) -> jax.Array:
-    """w_0..w_k of block verification, `[B, k+1]`: w_0 = 1, w_i = min(1, w_{i-1} p_i(x_i) / q_i(x_i))."""
+    """w_0..w_k of block verification, `[B, k+1]`: w_0 = 1, w_i = min(1, w_{i-1} p_i(x_i) / q_i(x_i)).
+
+    Closed form instead of a sequential scan: with S_i = sum_{j<=i} log(p_j/q_j) and S_0 = 0,
+    log w_i = S_i - max_{j<=i} S_j (induction: min(0, S_i - M_{i-1}) = S_i - max(S_i, M_{i-1})).
+    """
     p_x = _prob_of(target_probs[:, :-1], draft_tokens)
     q_x = _prob_of(draft_probs, draft_tokens)
-    ratio = jnp.where(q_x > 0, p_x / jnp.where(q_x > 0, q_x, 1.0), jnp.where(p_x > 0, jnp.inf, 0.0))
-
-    def step(w, r):
-        w = jnp.minimum(1.0, w * r)
-        return w, w
-
-    ones = jnp.ones(draft_tokens.shape[:1], jnp.float32)
-    _, ws = jax.lax.scan(step, ones, ratio.T)  # [k, B]
-    return jnp.concatenate([ones[:, None], ws.T], axis=1)
+    # A drafted token has q > 0; the clip only keeps an impossible q = 0 from producing inf - inf.
+    log_ratio = jnp.clip(jnp.log(p_x) - jnp.log(q_x), None, 80.0)
+    s = jnp.concatenate([jnp.zeros_like(log_ratio[:, :1]), jnp.cumsum(log_ratio, axis=1)], axis=1)
+    return jnp.exp(s - jax.lax.cummax(s, axis=1))
 
 
 def verify_block(key, draft_tokens, draft_probs, target_probs) -> Verdict:

@@ -194,6 +194,23 @@ def test_block_weights_follow_the_recursion():
     np.testing.assert_allclose(block_weights(drafts, q, p), [[1.0, 1.0, 0.1 / 0.7]], rtol=1e-6)
 
 
+def test_block_weights_match_the_literal_recursion():
+    rng = np.random.default_rng(8)
+    b, k, v = 2000, 6, 5
+    p = rng.dirichlet(np.full(v, 0.3), size=(b, k + 1))
+    p[: b // 4, :, 0] = 0.0  # drafts the target gives zero probability: w drops to 0 and stays
+    p /= p.sum(-1, keepdims=True)
+    q = rng.dirichlet(np.full(v, 0.3), size=(b, k))
+    drafts = np.array([[rng.choice(v, p=q[r, i]) for i in range(k)] for r in range(b)])
+    expected = np.ones((b, k + 1))
+    for i in range(k):
+        ratio = p[np.arange(b), i, drafts[:, i]] / q[np.arange(b), i, drafts[:, i]]
+        expected[:, i + 1] = np.minimum(1.0, expected[:, i] * ratio)
+    assert (expected == 0).any() and (expected == 1).any() and ((expected > 0) & (expected < 1)).any()
+    w = block_weights(jnp.asarray(drafts), jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32))
+    np.testing.assert_allclose(w, expected, atol=1e-5)
+
+
 def test_all_verifiers_reduce_to_greedy_on_one_hot_distributions():
     """Temperature 0: every verifier accepts exactly the drafts that match the target's argmax."""
     rng = np.random.default_rng(7)
