@@ -9,12 +9,11 @@ drafter is derived from it. Two choices make the demo honest rather than degener
 * A drafter that agrees with the target. The drafter is a layer-truncated self-drafter: the
   target's embedding, first block(s), final norm and lm_head (self-speculative layer skipping).
   With every block scaled x5 a random network is chaotic: the truncated drafter almost never
-  agrees with it (greedy tau 1.01 at k=4, 1.04 keeping 2 of 8 blocks), and the target plus
-  Gaussian weight noise agrees only at small noise (tau 2.6 at 1% of each matrix's std, 1.1 at
-  5%) while costing as much as the target, so it could never speed anything up. So the blocks
-  the drafter skips are scaled less (x2) than the ones it keeps (x5): later layers refine rather
-  than overwrite, as they tend to in trained models, and the 1-layer drafter reaches greedy tau
-  ~3 at k=4 while costing a fraction of the target.
+  agrees with it (greedy tau about 1.0 at k=4). A drafter made of the target plus weight noise
+  agrees only at small noise and costs as much as the target, so it cannot speed anything up.
+  So the blocks the drafter skips are scaled less (x2) than the ones it keeps (x5): later layers
+  refine rather than overwrite, as they tend to in trained models, and the 1-layer drafter
+  reaches greedy tau 3.1 at k=4 (docs/benchmarks.md) while costing a fraction of the target.
 """
 
 from __future__ import annotations

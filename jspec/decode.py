@@ -18,6 +18,7 @@ from flax import nnx
 
 from jspec.chain import Chain, ChainCarry, chain_round
 from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
+from jspec.models.kv_cache import new_slots
 from jspec.sampling import Sampling, sample, warp
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
@@ -98,8 +99,9 @@ def autoregressive_round(
 
 
 def _write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """buffer `[B, W]`, new `[B, E]` written at column start `[B]` of each row."""
-    return jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice(row, upd, (s,)))(buffer, new, start)
+    """buffer `[B, W]`, new `[B, E]` written at column start `[B]` of each row (as the KV cache is)."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, new_slots(start, new.shape[1])].set(new, mode="drop")
 
 
 def _append(state: LoopState, new: jax.Array, n_new: jax.Array, eos_id: jax.Array, max_new_tokens: int) -> LoopState:
