@@ -1,0 +1,24 @@
+"""Named model configurations for the demo models (vocabulary of the 8192-token BPE tokenizer)."""
+
+from __future__ import annotations
+
+from jspec.models.config import ModelConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~15.7M parameters (3.1M of them the tied embedding).
+    "target-16m": ModelConfig(
+        vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, max_seq_len=1024
+    ),
+    # ~3.7M parameters (2.1M of them the tied embedding).
+    "drafter-4m": ModelConfig(
+        vocab_size=8192, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024
+    ),
+    # For tests and smoke runs.
+    "tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]

@@ -1,0 +1,1 @@
+"""Training command lines: thin wrappers over `jspec.training`."""
