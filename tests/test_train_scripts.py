@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -48,3 +49,31 @@ def test_pretrain_cli_trains_resumes_and_saves(tmp_path, capsys):
         np.testing.assert_array_equal(x[1].get_value(), y[1].get_value())
     summary = json.loads((pathlib.Path(out) / "summary.json").read_text())
     assert summary["model_config"]["vocab_size"] == 512 and (pathlib.Path(out) / "tokenizer.json").exists()
+
+
+def test_distill_cli_reports_agreement_and_resumes(tmp_path, capsys):
+    from jspec.models import Transformer, preset
+    from jspec.training.corpus import read_corpus
+    from jspec.training.tokenizer import save_tokenizer, train_tokenizer
+    from train import distill
+
+    corpus = _corpus(tmp_path)
+    save_tokenizer(train_tokenizer([d.text for d in read_corpus(corpus)], 512), tmp_path / "tok.json")
+    jspec.models.save(Transformer(preset("tiny"), rngs=nnx.Rngs(0)), tmp_path / "target")
+    small = dataclasses.replace(preset("tiny"), n_layers=1, d_model=32, d_ff=64)
+    jspec.models.save(Transformer(small, rngs=nnx.Rngs(1)), tmp_path / "drafter")
+    common = ["--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "--tokenizer",
+              str(tmp_path / "tok.json"), "--corpus", corpus, "--held-out-fraction", "0.3", "--steps", "6",
+              "--batch-size", "2", "--seq-len", "32", "--prompt-len", "8", "--warmup-steps", "1", "--eval-every", "3",
+              "--eval-batches", "2", "--checkpoint-every", "3", "--data", "mix", "--k", "2", "--tau-prompts", "2",
+              "--tau-new-tokens", "8", "--no-progress"]
+    out = str(tmp_path / "distilled")
+    partial = distill.main(["--out", out, *common, "--stop-after", "4"])
+    assert "after" not in partial
+    summary = distill.main(["--out", out, *common])
+    printed = capsys.readouterr().out
+    assert "resumed from step 3" in printed and "after:" in printed
+    assert [h["step"] for h in summary["history"]] == [3, 6]
+    for key in ("alpha_t0", "alpha_t1", "tau_t0", "tau_t1"):
+        assert 0 <= summary["after"][key] and summary["before"][key] >= 0
+    assert jspec.models.load(pathlib.Path(out) / "model").config == small
