@@ -77,3 +77,31 @@ def test_distill_cli_reports_agreement_and_resumes(tmp_path, capsys):
     for key in ("alpha_t0", "alpha_t1", "tau_t0", "tau_t1"):
         assert 0 <= summary["after"][key] and summary["before"][key] >= 0
     assert jspec.models.load(pathlib.Path(out) / "model").config == small
+
+
+def test_vocab_trim_cli_keeps_output_exact(tmp_path, capsys):
+    from jspec.models import Transformer, preset
+    from jspec.training.corpus import read_corpus
+    from jspec.training.tokenizer import save_tokenizer, train_tokenizer
+    from train import vocab_trim
+
+    corpus = _corpus(tmp_path)
+    save_tokenizer(train_tokenizer([d.text for d in read_corpus(corpus)], 512), tmp_path / "tok.json")
+    target = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
+    jspec.models.save(target, tmp_path / "target")
+    jspec.models.save(Transformer(dataclasses.replace(preset("tiny"), n_layers=1), rngs=nnx.Rngs(1)), tmp_path / "drafter")
+    report = vocab_trim.main([
+        "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "--tokenizer", str(tmp_path / "tok.json"),
+        "--out", str(tmp_path / "trimmed"), "--keep", "128", "--corpus", corpus, "--held-out-fraction", "0.3",
+        "--count-prompts", "4", "--count-new-tokens", "16", "--prompt-len", "8", "--k", "2", "--eval-prompts", "2",
+        "--eval-new-tokens", "8", "--repeats", "1",
+    ])
+    assert "measured speedup of the trimmed drafter" in capsys.readouterr().out
+    saved = (512 - 128) * preset("tiny").d_model
+    assert report["untrimmed"]["weights_read_per_token"] - report["trimmed"]["weights_read_per_token"] == saved
+    assert report["trimmed"]["mbsu_t0"] * report["untrimmed"]["tau_t0"] > report["untrimmed"]["mbsu_t0"] * report["trimmed"]["tau_t0"]
+    trimmed = jspec.models.load(tmp_path / "trimmed" / "model")
+    assert trimmed.config.head_tokens == 128
+    prompts = np.random.default_rng(0).integers(0, 512, (2, 8)).astype(np.int32)
+    greedy = jspec.generate(target, prompts, max_new_tokens=12).tokens
+    np.testing.assert_array_equal(jspec.speculative_generate(target, trimmed, prompts, max_new_tokens=12).tokens, greedy)

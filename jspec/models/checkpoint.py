@@ -21,7 +21,7 @@ def save(model: Transformer, path: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise ValueError(f"path {path!r} already exists; jspec.models.save never overwrites a checkpoint")
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model)  # parameters and other variables (a trimmed head's token map)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
             path,
@@ -41,7 +41,7 @@ def load(path: str | os.PathLike) -> Transformer:
         config_dict = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         config = ModelConfig.from_dict(config_dict)
         abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-        graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
-        params = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    return nnx.merge(graphdef, params, rest)
+        graphdef, abstract_state = nnx.split(abstract)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        state = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    return nnx.merge(graphdef, state)

@@ -45,12 +45,20 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
+    # VocabTrim: the output head covers only `head_tokens` of the vocabulary (a token map stored in
+    # the model); logits of the other tokens are -inf, so q stays a distribution over vocab_size.
+    head_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.head_tokens is not None:
+            if isinstance(self.head_tokens, bool) or not isinstance(self.head_tokens, int) or not 1 <= self.head_tokens <= self.vocab_size:
+                raise ValueError(f"ModelConfig.head_tokens must be None or in [1, vocab_size], got {self.head_tokens!r}")
+            if self.tie_embeddings:
+                raise ValueError("ModelConfig.head_tokens needs tie_embeddings=False (the trimmed head is its own matrix)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

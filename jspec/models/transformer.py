@@ -145,6 +145,10 @@ class Block(nnx.Module):
         return x, cache
 
 
+class TokenMap(nnx.Variable):
+    """Vocabulary ids of a trimmed output head, int32 `[K]`: a model variable, never trained."""
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer with an explicit KV cache (see module docstring)."""
 
@@ -171,7 +175,10 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.final_norm = _norm(config, config.d_model, rngs)
         if not config.tie_embeddings:
-            self.lm_head = _linear(config, config.d_model, config.vocab_size, bias=False, rngs=rngs)
+            head = config.vocab_size if config.head_tokens is None else config.head_tokens
+            self.lm_head = _linear(config, config.d_model, head, bias=False, rngs=rngs)
+        if config.head_tokens is not None:
+            self.head_token_ids = TokenMap(jnp.arange(config.head_tokens, dtype=jnp.int32))
 
     def __call__(
         self,
@@ -195,7 +202,11 @@ class Transformer(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32), cache
+        logits = logits.astype(jnp.float32)
+        if cfg.head_tokens is not None:  # scatter the K head logits back over the full vocabulary
+            full = jnp.full(logits.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32)
+            logits = full.at[..., self.head_token_ids[...]].set(logits)
+        return logits, cache
 
 
 def causal_mask(batch_size: int, t: int) -> jax.Array:

@@ -58,7 +58,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     step: jax.Array  # int32 []
-    params: Any  # nnx.State of the model
+    params: Any  # nnx.State of the model's Params
     opt_state: Any
 
 
@@ -78,8 +78,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "optimizer", "loss_fn"), donate_argnames=("state",))
-def train_step(graph, optimizer, loss_fn: LossFn, state: TrainState, batch, extra) -> tuple[TrainState, jax.Array]:
-    loss, grads = jax.value_and_grad(lambda params: loss_fn(nnx.merge(graph, params), batch, extra))(state.params)
+def train_step(graph, optimizer, loss_fn: LossFn, state: TrainState, rest, batch, extra) -> tuple[TrainState, jax.Array]:
+    """One optimizer step on the Params; `rest` holds the model's untrained variables."""
+    loss, grads = jax.value_and_grad(lambda params: loss_fn(nnx.merge(graph, params, rest), batch, extra))(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), loss
 
@@ -105,7 +106,8 @@ def fit(
     evaluation. `stop_after` ends this run after that many steps, as an interruption would. Returns
     the trained model and the history of evaluation records.
     """
-    graph, params = nnx.split(model)
+    # Only Params are trained; other variables (a trimmed head's token map) ride along unchanged.
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)  # train_step donates its state; the caller's model stays valid
     optimizer = make_optimizer(config)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -122,17 +124,17 @@ def fit(
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress, desc="train")
     for step in bar:
-        batch = batch_fn(step, nnx.merge(graph, state.params))
-        state, loss = train_step(graph, optimizer, loss_fn, state, batch, extra)
+        batch = batch_fn(step, nnx.merge(graph, state.params, rest))
+        state, loss = train_step(graph, optimizer, loss_fn, state, rest, batch, extra)
         recent.append(float(loss))
         done = step + 1
         bar.set_postfix(loss=f"{recent[-1]:.4f}")
         if done % config.eval_every == 0 or done == config.steps:
-            record = {"step": done, "train_loss": float(np.mean(recent)), **eval_fn(nnx.merge(graph, state.params))}
+            record = {"step": done, "train_loss": float(np.mean(recent)), **eval_fn(nnx.merge(graph, state.params, rest))}
             history.append(record)
             recent = []
             log(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if done % config.checkpoint_every == 0 or done == config.steps:
             checkpoints.save(done, state, {**(metadata or {}), "history": history, "recent_losses": recent})
     checkpoints.close()
-    return nnx.merge(graph, state.params), history
+    return nnx.merge(graph, state.params, rest), history
