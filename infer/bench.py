@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import jspec
-from infer.models import add_model_arguments, models_from_args, random_prompts
+from infer.models import add_model_arguments, models_from_args, prompts_from_args
 from infer.timing import forward_seconds, theoretical_speedup, time_calls
 from jspec.verify import CHAIN_VERIFIERS
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
-    prompts = random_prompts(target.config.vocab_size, args.batch_size, args.prompt_len, args.seed)
+    prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
     rng = jax.random.key(args.seed)
     context = {
         "batch_size": args.batch_size,
@@ -129,9 +129,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "models": description,
+        "prompts": prompts_description,
         "machine": machine(),
     }
     print(description)
+    print(prompts_description)
     print(f"machine: {context['machine']}")
 
     # The decode loop's cache size for the largest k, so attention spans as many slots as in decoding.

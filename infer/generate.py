@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 import jspec
-from infer.models import add_model_arguments, models_from_args, random_prompts
+from infer.models import add_model_arguments, models_from_args, prompts_from_args, uses_demo_models
 from infer.timing import time_calls
 from jspec.verify import CHAIN_VERIFIERS
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     target, drafter, description = models_from_args(parser, args)
     sampling = jspec.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     strategy = jspec.Chain(k=args.k, verifier=args.verifier)
-    prompts = random_prompts(target.config.vocab_size, args.batch_size, args.prompt_len, args.seed)
+    prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
     rng = jax.random.key(args.seed)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng)
 
@@ -64,12 +64,15 @@ def main(argv: list[str] | None = None) -> dict:
         identical = all(_valid_tokens(ar, b) == _valid_tokens(spec, b) for b in range(args.batch_size))
 
     print(description)
-    print(
-        f"prompts: {args.batch_size} x {args.prompt_len} random token ids (seed {args.seed}); "
-        f"max_new_tokens {args.max_new_tokens}; {sampling}; strategy {strategy}"
-    )
-    print(f"AR row 0:          {_valid_tokens(ar, 0)}")
-    print(f"speculative row 0: {_valid_tokens(spec, 0)}")
+    print(f"{prompts_description}; max_new_tokens {args.max_new_tokens}; {sampling}; strategy {strategy}")
+    if uses_demo_models(args):
+        tokenizer = jspec.demo.tokenizer()
+        for title, tokens in (("prompt", np.asarray(prompts[0]).tolist()), ("AR", _valid_tokens(ar, 0)), ("speculative", _valid_tokens(spec, 0))):
+            print(f"----- row 0, {title} -----\n{tokenizer.decode(tokens)}")
+        print("-----")
+    else:
+        print(f"AR row 0:          {_valid_tokens(ar, 0)}")
+        print(f"speculative row 0: {_valid_tokens(spec, 0)}")
     if identical is None:
         print("identical: not expected (sampling; the outputs agree in distribution, not token for token)")
     else:

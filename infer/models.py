@@ -1,7 +1,12 @@
-"""Models and prompts for the demos: random-init defaults, or checkpoints given on the command line.
+"""Models and prompts for the demos: the bundled demo models by default, random-init models or
+checkpoints on request.
 
-There are no trained demo models yet, so the default target is a random Transformer and the
-drafter is derived from it. Two choices make the demo honest rather than degenerate:
+By default the target is `jspec.demo.load("target")` and the drafter one of the bundled drafters
+(`--demo-drafter`, default the distilled one), prompted with held-out stdlib code
+(`jspec.demo.prompts`). `--target/--drafter` load any two checkpoints (random token prompts).
+
+`--preset` builds random-init models instead, which the tests use because they compile in
+seconds. Two choices make a random pair honest rather than degenerate:
 
 * Weight scales. At its default init a random model's blocks barely move the residual stream, so
   greedy decoding falls into a short cycle of tokens. Its weight matrices are scaled up so that
@@ -25,9 +30,11 @@ import jax
 from flax import nnx
 
 import jspec
+from jspec import demo
 from jspec.models import ModelConfig, Transformer
 
-RANDOM_MODELS_NOTE = "models: random-init (no trained demo models yet)"
+RANDOM_MODELS_NOTE = "models: random-init"
+DEMO_MODELS_NOTE = "models: jspec.demo (trained on the Python standard library)"
 
 # The drafter's blocks and the lm_head: large enough that generations are varied (see module doc).
 KEPT_SCALE = 5.0
@@ -102,10 +109,11 @@ def _blocks(start: int, stop: int) -> str:
 
 def _describe_config(config: ModelConfig) -> str:
     layers = "1 layer" if config.n_layers == 1 else f"{config.n_layers} layers"
-    return f"{layers}, d_model {config.d_model}, d_ff {config.d_ff}, vocab {config.vocab_size}"
+    head = f", output head {config.head_tokens} tokens" if config.head_tokens else ""
+    return f"{layers}, d_model {config.d_model}, d_ff {config.d_ff}, vocab {config.vocab_size}{head}"
 
 
-def default_models(seed: int = 0, preset: str = "small") -> tuple[Transformer, Transformer, str]:
+def random_models(seed: int = 0, preset: str = "small") -> tuple[Transformer, Transformer, str]:
     """(target, drafter, description) for a random-init preset (see the module docstring); the
     description is three lines, the first RANDOM_MODELS_NOTE."""
     chosen = PRESETS[preset]
@@ -134,6 +142,17 @@ def loaded_models(target_path: str, drafter_path: str) -> tuple[Transformer, Tra
     return target, drafter, description
 
 
+def demo_models(drafter_name: str = "drafter-distilled") -> tuple[Transformer, Transformer, str]:
+    """(target, drafter, description) of the bundled demo models."""
+    target, drafter = demo.load("target"), demo.load(drafter_name)
+    description = "\n".join([
+        DEMO_MODELS_NOTE,
+        f"target: jspec.demo 'target' ({_describe_config(target.config)})",
+        f"drafter: jspec.demo {drafter_name!r} ({_describe_config(drafter.config)})",
+    ])
+    return target, drafter, description
+
+
 def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int) -> jax.Array:
     """int32 `[batch_size, prompt_len]` token ids drawn uniformly from a fixed seed."""
     return jax.random.randint(jax.random.key(seed), (batch_size, prompt_len), 0, vocab_size)
@@ -141,18 +160,45 @@ def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int)
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and prompt flags both demo scripts share."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="random-init model size (default: small)")
+    parser.add_argument(
+        "--demo-drafter", choices=demo.DRAFTERS, default="drafter-distilled",
+        help="which bundled drafter drafts for the bundled target (default: drafter-distilled)",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="random-init models of this size instead of the demo models")
     parser.add_argument("--target", metavar="PATH", help="target checkpoint (jspec.models.save); needs --drafter")
     parser.add_argument("--drafter", metavar="PATH", help="drafter checkpoint (jspec.models.save); needs --target")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random models, prompts and sampling (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
-    parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens per row (default: 16)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default: 64)")
+
+
+def uses_demo_models(args: argparse.Namespace) -> bool:
+    return args.preset is None and args.target is None
 
 
 def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Transformer, str]:
-    """The checkpoints named by --target/--drafter, else the random-init --preset models."""
+    """The checkpoints named by --target/--drafter, the random-init --preset models, or else the demo models."""
     if (args.target is None) != (args.drafter is None):
         parser.error("--target and --drafter must be given together")
+    if args.target is not None and args.preset is not None:
+        parser.error("--preset (random-init models) and --target/--drafter (checkpoints) exclude each other")
     if args.target is not None:
         return loaded_models(args.target, args.drafter)
-    return default_models(args.seed, args.preset)
+    if args.preset is not None:
+        return random_models(args.seed, args.preset)
+    return demo_models(args.demo_drafter)
+
+
+def prompts_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[jax.Array, str]:
+    """(prompts `[batch_size, prompt_len]`, description): the last prompt_len tokens of the first
+    batch_size demo code prompts with the demo models, else random token ids."""
+    if uses_demo_models(args):
+        texts = demo.prompts()
+        if not 1 <= args.batch_size <= len(texts):
+            parser.error(f"--batch-size must lie in [1, {len(texts)}] (the demo prompts) with the demo models, got {args.batch_size}")
+        prompts = demo.encode_prompts(texts[: args.batch_size], args.prompt_len)
+        return jax.numpy.asarray(prompts), (
+            f"prompts: the last {args.prompt_len} tokens of {args.batch_size} held-out stdlib code snippet(s) (jspec.demo.prompts)"
+        )
+    prompts = random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed)
+    return prompts, f"prompts: {args.batch_size} x {args.prompt_len} random token ids (seed {args.seed})"

@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import models, sampling, verify
+from jspec import demo, models, sampling, verify
 from jspec.chain import Chain
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.sampling import Sampling
@@ -11,6 +11,7 @@ __all__ = [
     "Output",
     "Sampling",
     "Stats",
+    "demo",
     "generate",
     "models",
     "sampling",

@@ -1,13 +1,17 @@
-"""The demo scripts run end to end on the tiny random preset and report what they promise."""
+"""The demo scripts run end to end (on the tiny random preset, and on the bundled demo models) and
+report what they promise."""
 
 import json
 import math
 
+import pytest
+
 import jspec
 from infer import bench, generate
-from infer.models import RANDOM_MODELS_NOTE, default_models
+from infer.models import DEMO_MODELS_NOTE, RANDOM_MODELS_NOTE, random_models
 
-SMALL_RUN = ["--preset", "tiny", "--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
+SIZES = ["--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
+SMALL_RUN = ["--preset", "tiny", *SIZES]
 
 
 def test_generate_greedy_outputs_identical(capsys):
@@ -20,11 +24,26 @@ def test_generate_greedy_outputs_identical(capsys):
     assert all(math.isfinite(result[key]) and result[key] > 0 for key in ("ar_tokens_per_s", "spec_tokens_per_s", "speedup"))
 
 
+def test_generate_defaults_to_the_demo_models_and_code_prompts(capsys):
+    result = generate.main(["--max-new-tokens", "16", "--batch-size", "2", "--prompt-len", "24", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(DEMO_MODELS_NOTE)
+    assert "'drafter-distilled'" in printed
+    assert result["identical"] is True
+    # The prompt is printed as text: the end of the first held-out snippet.
+    assert jspec.demo.prompts()[0].splitlines()[-1] in printed
+
+
+def test_generate_rejects_mixed_model_flags():
+    with pytest.raises(SystemExit):
+        generate.main(["--preset", "tiny", "--target", "a", "--drafter", "b"])
+
+
 def test_generate_loads_checkpoints(tmp_path, capsys):
-    target, drafter, _ = default_models(preset="tiny")
+    target, drafter, _ = random_models(preset="tiny")
     jspec.models.save(target, tmp_path / "target")
     jspec.models.save(drafter, tmp_path / "drafter")
-    result = generate.main([*SMALL_RUN, "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter")])
+    result = generate.main([*SIZES, "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter")])
     assert result["identical"] is True
     assert capsys.readouterr().out.startswith("models: checkpoints")
 
@@ -52,3 +71,22 @@ def test_bench_writes_records(tmp_path, capsys):
     assert 1 <= chain["tau"] <= 3
     assert math.isfinite(chain["t_target_k1_ms"])
     assert "| chain-sampling-k2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_cards_measure_every_model(tmp_path):
+    from infer import model_cards
+
+    results = model_cards.main([
+        "--json", str(tmp_path / "cards.json"), "--cards", str(tmp_path / "cards"), "--prompts", "1",
+        "--max-new-tokens", "8", "--repeats", "1", "--eval-batches", "1", "--alpha-batches", "1",
+    ])
+    assert json.loads((tmp_path / "cards.json").read_text()) == json.loads(json.dumps(results))
+    for name in jspec.demo.MODELS:
+        row = results["models"][name]
+        assert math.isfinite(row["held_out_loss"]) and 0 < row["held_out_covered"] <= 1
+        card = (tmp_path / "cards" / f"{name}.md").read_text()
+        assert f"Held-out loss {row['held_out_loss']:.3f}" in card
+        if name != "target":
+            assert 0 <= row["alpha_t0"] <= 1 and 1 <= row["tau_t1"] <= 5
+            assert f"| 1 | {row['alpha_t1']:.3f} | {row['tau_t1']:.2f} |" in card

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 import jspec
-from train import pretrain
+from train import demo_models, distill, pretrain, vocab_trim
 
 FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "colorsys.py",
          "keyword.py", "fnmatch.py", "shlex.py", "glob.py", "copy.py"]
@@ -105,3 +105,30 @@ def test_vocab_trim_cli_keeps_output_exact(tmp_path, capsys):
     prompts = np.random.default_rng(0).integers(0, 512, (2, 8)).astype(np.int32)
     greedy = jspec.generate(target, prompts, max_new_tokens=12).tokens
     np.testing.assert_array_equal(jspec.speculative_generate(target, trimmed, prompts, max_new_tokens=12).tokens, greedy)
+
+
+def test_demo_recipe_commands_parse():
+    """Every training command of the demo recipe is valid for its script (a typo would otherwise
+    surface only after an hour of training)."""
+    parsers = {"train.pretrain": pretrain, "train.distill": distill, "train.vocab_trim": vocab_trim}
+    for name in jspec.demo.MODELS:
+        cmd = demo_models.command(name, "runs")
+        assert cmd[:2] == ["python", "-m"]
+        args = parsers[cmd[2]].build_parser().parse_args(cmd[3:])
+        assert args.out == f"runs/{name}"
+
+
+def test_demo_export_copies_models_prompts_and_summaries(tmp_path):
+    runs, demo_dir = tmp_path / "runs", tmp_path / "demo"
+    (runs).mkdir()
+    (runs / "tokenizer.json").write_text((jspec.demo.DEMO_DIR / "tokenizer.json").read_text())
+    config = jspec.models.preset("tiny")
+    for i, name in enumerate(jspec.demo.MODELS):
+        jspec.models.save(jspec.models.Transformer(config, rngs=nnx.Rngs(i)), runs / name / "model")
+        (runs / name / "summary.json").write_text(json.dumps({"seed": i}))
+    demo_models.export(str(runs), str(demo_dir), n_prompts=4)
+    training = json.loads((demo_dir / "training.json").read_text())
+    assert training["target"] == {"command": " ".join(demo_models.command("target", "runs")), "summary": {"seed": 0}}
+    assert len(json.loads((demo_dir / "prompts.json").read_text())) == 4
+    for name in jspec.demo.MODELS:
+        assert jspec.models.load(demo_dir / "models" / name).config == config

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 
 from jspec.models import load, save
 from jspec.training.corpus import STDLIB, read_corpus, split_corpus
@@ -91,11 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     metadata = {"train_config": dataclasses.asdict(config), "distill_config": dataclasses.asdict(distill_config),
                 "target": args.target, "drafter": args.drafter, "corpus": args.corpus}
+    start = time.perf_counter()
     trained, history = distill(
         target, drafter, train_stream, windows, config, distill_config, os.path.join(args.out, "checkpoints"),
         metadata=metadata, stop_after=args.stop_after, progress=not args.no_progress,
     )
-    summary = {**metadata, "before": before, "history": history}
+    summary = {**metadata, "before": before, "history": history, "seconds_this_run": time.perf_counter() - start}
     if history and history[-1]["step"] == config.steps:
         summary["after"] = agreement(target, trained, windows, prompts, args)
         print("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["after"].items()))

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     windows = [w[:, :-1] for w in eval_batches(held_stream, 8, 128, 4)]
     eval_prompts = eval_batches(held_stream[len(held_stream) // 2 :], args.eval_prompts, args.prompt_len, 1)[0][:, : args.prompt_len]
-    report = {"keep": args.keep, "count_on": args.count_on, "coverage": coverage}
+    report = {"keep": args.keep, "count_on": args.count_on, "coverage": coverage, "vocab_size": vocab}
     for name, model in (("untrimmed", drafter), ("trimmed", trimmed)):
         row = {"weights_read_per_token": weights_read_per_token(model)}
         for t in (0.0, 1.0):

@@ -13,6 +13,8 @@ import json
 import pathlib
 import sysconfig
 
+import numpy as np
+
 STDLIB = "stdlib"
 
 
@@ -67,3 +69,26 @@ def split_corpus(
     if not train or not held:
         raise ValueError(f"the split of {len(docs)} documents left an empty side; use more documents")
     return train, held
+
+
+def code_prompts(docs: list[Document], n: int, lines: int = 12, seed: int = 0) -> list[dict[str, str]]:
+    """n code-completion prompts from n different documents: `lines` consecutive lines from a
+    seeded position past each file's first quarter (its imports and docstring), the last line not
+    blank, ending with a newline so the model writes the next line. Returns [{"file", "text"}]."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for index in rng.permutation(len(docs)):
+        doc = docs[int(index)]
+        body = doc.text.splitlines()
+        if len(body) < 4 * lines:
+            continue
+        start = int(rng.integers(len(body) // 4, len(body) - lines))
+        snippet = body[start : start + lines]
+        if not snippet[-1].strip() or sum(len(line) for line in snippet) < 200:
+            continue
+        prompts.append({"file": doc.name, "text": "\n".join(snippet) + "\n"})
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise ValueError(f"found only {len(prompts)} prompts of {lines} lines in {len(docs)} documents; n={n}")
+    return prompts

@@ -44,6 +44,22 @@ def evaluate(model: Transformer, batches: list[np.ndarray]) -> float:
     return float(np.mean([_eval_loss(graph, params, jnp.asarray(b)) for b in batches]))
 
 
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _token_losses(graph, state, batch: jax.Array) -> jax.Array:
+    logits = next_token_logits(nnx.merge(graph, state), batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+
+
+def evaluate_covered(model: Transformer, batches: list[np.ndarray]) -> tuple[float, float]:
+    """(mean next-token loss over the positions whose label the model can emit, share of such
+    positions). A trimmed head gives probability 0 (loss inf) to tokens outside it; for every
+    other model the share is 1 and the loss equals `evaluate`'s."""
+    graph, state = nnx.split(model)
+    losses = np.concatenate([np.asarray(_token_losses(graph, state, jnp.asarray(b))).ravel() for b in batches])
+    covered = np.isfinite(losses)
+    return float(losses[covered].mean()), float(covered.mean())
+
+
 def train(
     model: Transformer,
     train_stream: np.ndarray,
