@@ -39,7 +39,7 @@ RECIPE: dict[str, list[str]] = {
         "train.distill", "--target", "{runs}/target/model", "--drafter", "{runs}/drafter/model",
         "--tokenizer", "{runs}/tokenizer.json", "--out", "{runs}/drafter-distilled", "--divergence", "fkl",
         "--data", "target", "--temperature", "1", "--prompt-len", "32", "--seq-len", "128", "--batch-size", "16",
-        "--steps", "400", "--learning-rate", "5e-4", "--warmup-steps", "40", "--eval-every", "100",
+        "--steps", "800", "--learning-rate", "5e-4", "--warmup-steps", "80", "--eval-every", "200",
         "--checkpoint-every", "100", "--no-progress",
     ],
     "drafter-trimmed": [
