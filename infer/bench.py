@@ -1,8 +1,11 @@
-"""Benchmark autoregressive decoding against every chain strategy, in one process, on one set of prompts.
+"""Benchmark autoregressive decoding against every chain strategy, in one process, on the same prompts.
 
     python -m infer.bench --json FILE [--ks 2 4 6] [--verifiers sampling block] [--temperatures 0 1] ...
 
-Each method is called once untimed (compile) and timed as the median of --repeats calls. Next to
+Every method decodes the same --prompt-batches batches of --batch-size prompts (acceptance varies
+a lot between prompts, so one prompt says little). Each batch is called once untimed (compile only
+on the first) and timed as the median of --repeats calls; a method's tokens/s is all its tokens
+over the sum of those medians, and its tau all emitted tokens over all target passes. Next to
 the measured speedup over AR (at the same temperature) each record gives the speedup predicted
 from measured per-pass costs, tau * t_target(1) / (k * t_draft + t_target(k+1)), and the ratio
 achieved / theoretical, which shows how much the decode loop's overheads cost. Writes a JSON list
@@ -12,16 +15,18 @@ of records and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
+from typing import Callable
 
 import jax
 import numpy as np
 
 import jspec
-from infer.models import add_model_arguments, models_from_args, prompts_from_args
+from infer.models import add_model_arguments, models_from_args, prompt_batches
 from infer.timing import forward_seconds, theoretical_speedup, time_calls
 from jspec.verify import CHAIN_VERIFIERS
 
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="sampling temperatures (default: 0 1)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per row (default: 128)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method, after the compile call (default: 5)")
+    parser.add_argument("--prompt-batches", type=int, default=8, help="prompt batches every method decodes (default: 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch, after an untimed one (default: 3)")
     return parser
 
 
@@ -71,19 +77,41 @@ def forward_costs(
     return costs
 
 
-def timed_run(fn, repeats: int) -> tuple[float, jspec.Output]:
-    """Median seconds of `repeats` calls of fn after an untimed compile call, and its output."""
-    seconds, output = time_calls(fn, repeats)
-    return statistics.median(seconds), output
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One method over all prompt batches: summed median seconds, tokens, emitted tokens and target passes."""
+
+    seconds: float
+    tokens: int
+    emitted: int
+    passes: int
+    rows: int
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / max(self.passes, 1)
+
+
+def measure(fn: Callable[[jax.Array], jspec.Output], batches: list[jax.Array], repeats: int) -> Measured:
+    """fn(prompts) on every batch: an untimed call, then the median of `repeats` timed calls each."""
+    seconds = tokens = emitted = passes = rows = 0
+    for prompts in batches:
+        times, output = time_calls(lambda: fn(prompts), repeats)
+        seconds += statistics.median(times)
+        tokens += int(np.sum(output.lengths))
+        emitted += int(np.sum(output.stats.emitted_per_round))
+        passes += int(np.sum(output.stats.target_passes))
+        rows += prompts.shape[0]
+    return Measured(seconds, tokens, emitted, passes, rows)
 
 
 def make_record(
-    method: str, k: int | None, verifier: str | None, temperature: float, seconds: float, output: jspec.Output,
+    method: str, k: int | None, verifier: str | None, temperature: float, measured: Measured,
     ar_tokens_per_s: float | None, costs: dict[str, float], context: dict,
 ) -> dict:
     """One JSON record. ar_tokens_per_s None marks the AR run itself (speedup 1 by definition)."""
-    tokens_per_s = float(np.sum(output.lengths)) / seconds
-    tau = float(output.stats.mean_accepted)
+    tokens_per_s = measured.tokens / measured.seconds
+    tau = 1.0 if k is None else measured.tau
     speedup = 1.0 if ar_tokens_per_s is None else tokens_per_s / ar_tokens_per_s
     record = {
         "method": method,
@@ -92,9 +120,9 @@ def make_record(
         "temperature": temperature,
         "tau": tau,
         "tokens_per_s": tokens_per_s,
-        "seconds": seconds,
+        "seconds": measured.seconds,
         "speedup_vs_ar": speedup,
-        "target_passes": float(np.mean(output.stats.target_passes)),
+        "target_passes": measured.passes / measured.rows,
         "t_target_1_ms": costs["t_target_1"] * 1e3,
         "t_draft_ms": costs["t_draft"] * 1e3,
         "t_target_k1_ms": None,
@@ -121,10 +149,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
-    prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
+    batches, prompts_description = prompt_batches(parser, args, target.config.vocab_size, args.prompt_batches)
     rng = jax.random.key(args.seed)
     context = {
         "batch_size": args.batch_size,
+        "prompt_batches": args.prompt_batches,
         "prompt_len": args.prompt_len,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
@@ -137,26 +166,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"machine: {context['machine']}")
 
     # The decode loop's cache size for the largest k, so attention spans as many slots as in decoding.
-    costs = forward_costs(target, drafter, prompts, args.ks, args.prompt_len + args.max_new_tokens + max(args.ks) + 2)
+    costs = forward_costs(target, drafter, batches[0], args.ks, args.prompt_len + args.max_new_tokens + max(args.ks) + 2)
     print("costs (median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items()))
 
     records = []
     for temperature in args.temperatures:
         sampling = jspec.Sampling(temperature=temperature)
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng)
-        seconds, output = timed_run(lambda: jspec.generate(target, prompts, **common), args.repeats)
-        ar = make_record("ar", None, None, temperature, seconds, output, None, costs, context)
+        measured = measure(lambda prompts: jspec.generate(target, prompts, **common), batches, args.repeats)
+        ar = make_record("ar", None, None, temperature, measured, None, costs, context)
         records.append(ar)
         for verifier in args.verifiers:
             if verifier == "greedy" and not sampling.greedy:
                 continue  # not lossless when sampling; jspec rejects it
             for k in args.ks:
                 strategy = jspec.Chain(k=k, verifier=verifier)
-                seconds, output = timed_run(
-                    lambda: jspec.speculative_generate(target, drafter, prompts, strategy=strategy, **common), args.repeats
+                measured = measure(
+                    lambda prompts: jspec.speculative_generate(target, drafter, prompts, strategy=strategy, **common),
+                    batches, args.repeats,
                 )
                 records.append(make_record(
-                    f"chain-{verifier}-k{k}", k, verifier, temperature, seconds, output, ar["tokens_per_s"], costs, context
+                    f"chain-{verifier}-k{k}", k, verifier, temperature, measured, ar["tokens_per_s"], costs, context
                 ))
 
     with open(args.json, "w") as f:

@@ -15,14 +15,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 
 import jax
 import numpy as np
 
 import jspec
+from infer import bench
 from infer.bench import machine
-from infer.timing import time_calls
 from jspec import demo
 from jspec.training.corpus import STDLIB, read_corpus, split_corpus
 from jspec.training.data import eval_batches, token_stream
@@ -45,25 +44,15 @@ def parameter_count(model: jspec.models.Transformer) -> int:
 
 
 def decode_speed(target, drafter, prompts: np.ndarray, k: int, temperature: float, max_new_tokens: int, repeats: int) -> dict:
-    """Decode each prompt row alone (batch 1, the latency case). Returns tokens/s (median of
-    `repeats` per row, summed over rows) and tau over all rows."""
-    sampling = jspec.Sampling(temperature=temperature)
-    seconds, tokens, emitted, passes = 0.0, 0, 0, 0
-    for row in range(prompts.shape[0]):
-        prompt = prompts[row : row + 1]
-        rng = jax.random.key(row)
-        if drafter is None:
-            fn = lambda: jspec.generate(target, prompt, max_new_tokens=max_new_tokens, sampling=sampling, rng=rng)
-        else:
-            fn = lambda: jspec.speculative_generate(
-                target, drafter, prompt, max_new_tokens=max_new_tokens, strategy=jspec.Chain(k=k), sampling=sampling, rng=rng
-            )
-        times, out = time_calls(fn, repeats)
-        seconds += statistics.median(times)
-        tokens += int(np.sum(out.lengths))
-        emitted += int(np.sum(out.stats.emitted_per_round))
-        passes += int(np.sum(out.stats.target_passes))
-    return {"tokens_per_s": tokens / seconds, "tau": emitted / passes}
+    """Decode each prompt row alone (batch 1, the latency case) as `infer.bench` does. Returns
+    tokens/s (median of `repeats` per row, summed over rows) and tau over all rows."""
+    common = dict(max_new_tokens=max_new_tokens, sampling=jspec.Sampling(temperature=temperature), rng=jax.random.key(0))
+    if drafter is None:
+        fn = lambda prompt: jspec.generate(target, prompt, **common)
+    else:
+        fn = lambda prompt: jspec.speculative_generate(target, drafter, prompt, strategy=jspec.Chain(k=k), **common)
+    measured = bench.measure(fn, [prompts[row : row + 1] for row in range(prompts.shape[0])], repeats)
+    return {"tokens_per_s": measured.tokens / measured.seconds, "tau": measured.tau}
 
 
 def measure(args) -> dict:
@@ -123,7 +112,20 @@ def _tokens_seen(summary: dict) -> str:
     return f"{train['steps'] * train['batch_size'] * train['seq_len']:,} ({train['steps']} steps x {train['batch_size']} x {train['seq_len']})"
 
 
-def write_card(name: str, results: dict, training: dict, path: str) -> None:
+def bench_section(records: list[dict], path: str) -> list[str]:
+    """The target card's summary of an `infer.bench` run (its JSON records)."""
+    first = records[0]
+    return [
+        "", "## infer.bench", "",
+        f"`python -m infer.bench --json {path}` on {first['machine']}: {first['models'].splitlines()[-1]}; "
+        f"{first['prompts'].removeprefix('prompts: ')}; {first['max_new_tokens']} new tokens; speedup over "
+        "autoregressive decoding in the same process; theoretical = tau x t_target(1) / (k x t_draft + t_target(k+1)) "
+        "from the measured pass costs.",
+        "", bench.markdown_table(records),
+    ]
+
+
+def write_card(name: str, results: dict, training: dict, path: str, bench_records: tuple[str, list[dict]] | None = None) -> None:
     model = demo.load(name)
     row = results["models"][name]
     summary = training[name]["summary"]
@@ -171,6 +173,8 @@ def write_card(name: str, results: dict, training: dict, path: str) -> None:
     if name == "target":
         lines.append(f"- Autoregressive decoding, batch 1: {row['ar_tokens_per_s_t0']:.1f} tokens/s at T=0, "
                      f"{row['ar_tokens_per_s_t1']:.1f} at T=1.")
+        if bench_records is not None:
+            lines += bench_section(bench_records[1], bench_records[0])
     else:
         lines += [
             "",
@@ -214,15 +218,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches (16 x 256 tokens) of the loss")
     p.add_argument("--alpha-batches", type=int, default=4, help="of those, the batches alpha is measured on")
+    p.add_argument("--bench", default="docs/bench_cpu_demo.json",
+                   help="an `infer.bench --json` file summarised in the target's card, if it exists")
+    p.add_argument("--cards-only", action="store_true", help="measure nothing: rewrite the cards from --json")
     args = p.parse_args(argv)
-    results = measure(args)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    if args.cards_only:
+        with open(args.json) as f:
+            results = json.load(f)
+    else:
+        results = measure(args)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     with open(demo.DEMO_DIR / "training.json") as f:
         training = json.load(f)
+    bench_records = None
+    if os.path.exists(args.bench):
+        with open(args.bench) as f:
+            bench_records = (args.bench, json.load(f))
     os.makedirs(args.cards, exist_ok=True)
     for name in demo.MODELS:
-        write_card(name, results, training, os.path.join(args.cards, f"{name}.md"))
+        write_card(name, results, training, os.path.join(args.cards, f"{name}.md"), bench_records)
     print(f"wrote {args.json} and {len(demo.MODELS)} cards in {args.cards}")
     return results
 

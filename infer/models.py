@@ -192,13 +192,32 @@ def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def prompts_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[jax.Array, str]:
     """(prompts `[batch_size, prompt_len]`, description): the last prompt_len tokens of the first
     batch_size demo code prompts with the demo models, else random token ids."""
+    batches, description = prompt_batches(parser, args, vocab_size, 1)
+    return batches[0], description
+
+
+def prompt_batches(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int, n_batches: int
+) -> tuple[list[jax.Array], str]:
+    """n_batches different prompt batches `[batch_size, prompt_len]` and their description: the
+    demo code prompts in order (batch i holds prompts i*B .. i*B+B-1), else random token ids
+    (batch i from seed + i)."""
+    if n_batches < 1:
+        parser.error(f"the number of prompt batches must be >= 1, got {n_batches}")
     if uses_demo_models(args):
         texts = demo.prompts()
-        if not 1 <= args.batch_size <= len(texts):
-            parser.error(f"--batch-size must lie in [1, {len(texts)}] (the demo prompts) with the demo models, got {args.batch_size}")
-        prompts = demo.encode_prompts(texts[: args.batch_size], args.prompt_len)
-        return jax.numpy.asarray(prompts), (
-            f"prompts: the last {args.prompt_len} tokens of {args.batch_size} held-out stdlib code snippet(s) (jspec.demo.prompts)"
+        if args.batch_size < 1 or args.batch_size * n_batches > len(texts):
+            parser.error(
+                f"--batch-size x batches must lie in [1, {len(texts)}] (the demo prompts) with the demo models, "
+                f"got {args.batch_size} x {n_batches}"
+            )
+        batches = [
+            jax.numpy.asarray(demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len))
+            for i in range(n_batches)
+        ]
+        return batches, (
+            f"prompts: the last {args.prompt_len} tokens of {args.batch_size * n_batches} held-out stdlib code "
+            f"snippet(s) (jspec.demo.prompts), {n_batches} batch(es) of {args.batch_size}"
         )
-    prompts = random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed)
-    return prompts, f"prompts: {args.batch_size} x {args.prompt_len} random token ids (seed {args.seed})"
+    batches = [random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed + i) for i in range(n_batches)]
+    return batches, f"prompts: {n_batches} batch(es) of {args.batch_size} x {args.prompt_len} random token ids (seeds {args.seed}..)"

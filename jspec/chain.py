@@ -82,9 +82,9 @@ def draft_chain(
     keys = jax.random.split(key, k)
     tokens = jnp.stack([prev, last], axis=1)
     positions = cache.lengths[:, None] + jnp.arange(2)
-    logits, cache = drafter(tokens, positions, causal_mask(b, 2), cache)
+    logits, cache = drafter(tokens, positions, causal_mask(b, 2), cache, logits_at=jnp.ones((b, 1), jnp.int32))
     cache = commit(cache, jnp.full((b,), 2, jnp.int32))
-    q = warp(logits[:, -1], sampling)
+    q = warp(logits[:, 0], sampling)
     x = sample(keys[0], q)
 
     def step(carry, step_key):

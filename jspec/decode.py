@@ -80,10 +80,8 @@ def prefill(model: Transformer, prompts: jax.Array, prompt_lengths: jax.Array, c
     b, p = prompts.shape
     cache = init_cache(model.config, b, cache_size)
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-    logits, cache = model(prompts, positions, causal_mask(b, p), cache)
-    cache = commit(cache, prompt_lengths)
-    last_logits = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last_logits, cache
+    logits, cache = model(prompts, positions, causal_mask(b, p), cache, logits_at=(prompt_lengths - 1)[:, None])
+    return logits[:, 0], commit(cache, prompt_lengths)
 
 
 def autoregressive_round(

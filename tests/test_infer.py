@@ -3,6 +3,7 @@ report what they promise."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,7 @@ def test_bench_writes_records(tmp_path, capsys):
     path = tmp_path / "bench.json"
     bench.main([
         *SMALL_RUN, "--json", str(path), "--ks", "2", "--verifiers", "sampling", "--temperatures", "1",
+        "--prompt-batches", "2",
     ])
     records = json.loads(path.read_text())
     assert [r["method"] for r in records] == ["ar", "chain-sampling-k2"]
@@ -69,6 +71,8 @@ def test_bench_writes_records(tmp_path, capsys):
     assert ar["k"] is None and ar["tau"] == 1.0
     assert chain["k"] == 2 and chain["verifier"] == "sampling"
     assert 1 <= chain["tau"] <= 3
+    assert ar["prompt_batches"] == 2 and ar["target_passes"] == 7.0  # per row: 8 tokens, the first from prefill
+    assert "2 batch(es) of 2" in ar["prompts"]
     assert math.isfinite(chain["t_target_k1_ms"])
     assert "| chain-sampling-k2 |" in capsys.readouterr().out
 
@@ -80,6 +84,7 @@ def test_model_cards_measure_every_model(tmp_path):
     results = model_cards.main([
         "--json", str(tmp_path / "cards.json"), "--cards", str(tmp_path / "cards"), "--prompts", "1",
         "--max-new-tokens", "8", "--repeats", "1", "--eval-batches", "1", "--alpha-batches", "1",
+        "--bench", str(Path(__file__).parents[1] / "docs" / "bench_cpu_demo.json"),
     ])
     assert json.loads((tmp_path / "cards.json").read_text()) == json.loads(json.dumps(results))
     for name in jspec.demo.MODELS:
@@ -90,3 +95,9 @@ def test_model_cards_measure_every_model(tmp_path):
         if name != "target":
             assert 0 <= row["alpha_t0"] <= 1 and 1 <= row["tau_t1"] <= 5
             assert f"| 1 | {row['alpha_t1']:.3f} | {row['tau_t1']:.2f} |" in card
+    assert "## infer.bench" in (tmp_path / "cards" / "target.md").read_text()  # the bundled docs/bench_cpu_demo.json
+
+    # --cards-only rewrites the cards from the JSON without measuring.
+    (tmp_path / "cards" / "target.md").unlink()
+    model_cards.main(["--json", str(tmp_path / "cards.json"), "--cards", str(tmp_path / "cards"), "--cards-only"])
+    assert f"Held-out loss {results['models']['target']['held_out_loss']:.3f}" in (tmp_path / "cards" / "target.md").read_text()

@@ -11,7 +11,6 @@ import pytest
 
 from conftest import TINY, forward, random_model
 from jspec.models import (
-    ModelConfig,
     attention_mask,
     causal_mask,
     commit,
@@ -60,6 +59,21 @@ def test_incremental_decoding_matches_full_causal_forward(name):
     np.testing.assert_allclose(incremental, full, atol=atol, rtol=atol / 2)
     assert (np.asarray(cache.lengths) == t).all()
     assert cache.keys.dtype == jnp.dtype(model.config.dtype)
+
+
+@pytest.mark.parametrize("head_tokens", [None, 40])
+def test_logits_at_selects_positions_and_writes_the_same_cache(head_tokens):
+    model = random_model(dataclasses.replace(TINY, head_tokens=head_tokens, tie_embeddings=head_tokens is None), seed=3)
+    b, t = 2, 6
+    tokens = jax.random.randint(jax.random.key(4), (b, t), 0, TINY.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cache = init_cache(model.config, b, 8)
+    full, full_cache = model(tokens, positions, causal_mask(b, t), cache)
+    at = jnp.asarray([[5, 0], [2, 2]], jnp.int32)
+    some, some_cache = model(tokens, positions, causal_mask(b, t), cache, logits_at=at)
+    assert some.shape == (b, 2, TINY.vocab_size)
+    np.testing.assert_allclose(some, jnp.take_along_axis(full, at[:, :, None], axis=1), atol=1e-5)
+    np.testing.assert_array_equal(some_cache.keys, full_cache.keys)
 
 
 def test_rows_commit_independently_and_rejected_entries_are_overwritten():

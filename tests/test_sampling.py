@@ -67,8 +67,22 @@ def test_residual_is_normalised_positive_part():
     np.testing.assert_allclose(residual(2 * p, q), [0.8 / 1.0, 0.0, 0.2 / 1.0], atol=1e-6)  # unnormalised p
 
 
-def test_sample_follows_probs_and_never_draws_zero_mass():
-    probs = jnp.asarray([0.1, 0.0, 0.6, 0.3])
-    draws = np.asarray(sample(jax.random.key(0), jnp.broadcast_to(probs, (50_000, 4))))
-    assert not (draws == 1).any()
-    assert chi_square_pvalue(draws, probs) > 1e-3
+@pytest.mark.parametrize(
+    "probs, shifted",  # shifted: 0.02 away in TV, which the same test must reject
+    [
+        ([0.1, 0.0, 0.6, 0.3], [0.12, 0.0, 0.58, 0.3]),
+        ([0.0, 0.5, 0.5, 0.0], [0.0, 0.52, 0.48, 0.0]),
+        ([0.002, 0.0, 0.0, 0.998], [0.022, 0.0, 0.0, 0.978]),
+    ],
+)
+def test_sample_follows_probs_and_never_draws_zero_mass(probs, shifted):
+    draws = np.asarray(sample(jax.random.key(0), jnp.broadcast_to(jnp.asarray(probs), (50_000, 4))))
+    assert not np.isin(draws, np.flatnonzero(np.asarray(probs) == 0)).any()
+    assert chi_square_pvalue(draws, jnp.asarray(probs)) > 1e-3
+    assert chi_square_pvalue(draws, jnp.asarray(shifted)) < 1e-6
+
+
+def test_sample_of_one_hot_rows_is_their_token():
+    tokens = jax.random.randint(jax.random.key(1), (64,), 0, 8192)
+    draws = sample(jax.random.key(2), jax.nn.one_hot(tokens, 8192))
+    np.testing.assert_array_equal(np.asarray(draws), np.asarray(tokens))

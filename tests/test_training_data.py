@@ -76,5 +76,10 @@ def test_batches_are_a_function_of_the_step(small_tokenizer, stdlib_docs):
     held = eval_batches(stream, batch_size=2, seq_len=32, max_batches=3)
     assert len(held) == 3 and all(b.shape == (2, 33) for b in held)
     np.testing.assert_array_equal(held[0][0], stream[:33])
+    np.testing.assert_array_equal(held[-1][-1], stream[-33:])  # the whole stream, not only its start
+    starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(stream, 33) == w).all(1))[0]) for b in held for w in b]
+    assert np.all(np.diff(starts) >= 33)  # non-overlapping
+    with pytest.raises(ValueError, match="no batch"):
+        eval_batches(stream[:40], batch_size=2, seq_len=32, max_batches=3)
     with pytest.raises(ValueError, match="shorter than seq_len"):
         batch_at(stream[:10], 0, 1, 32, 0)

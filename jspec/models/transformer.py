@@ -186,8 +186,13 @@ class Transformer(nnx.Module):
         positions: jax.Array,  # int32 [B, T]
         mask: jax.Array,  # bool [B, T, T]
         cache: KVCache,
+        logits_at: jax.Array | None = None,  # int32 [B, K], indices into the T new tokens
     ) -> tuple[jax.Array, KVCache]:
-        """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged)."""
+        """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged).
+
+        With `logits_at`, only the logits of those new tokens, `[B, K, V]`: the output head is most
+        of a small model's cost, and prefill or a drafter's catch-up needs one position's logits.
+        """
         cfg = self.config
         x = self.embed(tokens)
         if cfg.scale_embeddings:
@@ -197,6 +202,8 @@ class Transformer(nnx.Module):
         visible = attention_mask(mask, cache.lengths, cache.size)
         for layer, block in enumerate(self.blocks):
             x, cache = block(x, positions, visible, cache, layer)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)

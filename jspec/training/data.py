@@ -29,9 +29,17 @@ def batch_at(stream: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
 
 
 def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[np.ndarray]:
-    """Consecutive, non-overlapping windows from the start of a held-out stream (the same every time)."""
+    """Non-overlapping windows of seq_len + 1 tokens spread evenly over a held-out stream, the same
+    every time: `max_batches` (or as many as fit) int32 `[B, T+1]` batches.
+
+    Spread rather than taken from the start, because a corpus's files are not alike (the stdlib's
+    first held-out files include codec tables that any model predicts almost perfectly).
+    """
     window = seq_len + 1
-    n = min(max_batches * batch_size, (len(stream) - 1) // seq_len)
-    windows = [stream[i * seq_len : i * seq_len + window] for i in range(n)]
-    windows = [w for w in windows if len(w) == window]
-    return [np.stack(windows[i : i + batch_size]) for i in range(0, len(windows) - batch_size + 1, batch_size)]
+    n = min(max_batches * batch_size, len(stream) // window)
+    n -= n % batch_size
+    if n == 0:
+        raise ValueError(f"the held-out stream ({len(stream)} tokens) holds no batch of {batch_size} x {window} tokens")
+    starts = np.linspace(0, len(stream) - window, n).astype(np.int64)
+    windows = np.stack([stream[s : s + window] for s in starts])
+    return [windows[i : i + batch_size] for i in range(0, n, batch_size)]
