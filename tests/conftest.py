@@ -61,3 +61,12 @@ def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: floa
 @pytest.fixture(scope="session")
 def tiny_target() -> Transformer:
     return random_model(TINY, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps each program's code into
+    memory separately (about 6 maps each), and the whole suite compiles enough programs to pass
+    Linux's default limit of 65530 maps per process, where compilation aborts or segfaults."""
+    yield
+    jax.clear_caches()
