@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import demo, models, sampling, verify
+from jspec import demo, models, sampling, trees, verify
 from jspec.chain import Chain
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.sampling import Sampling
@@ -16,5 +16,6 @@ __all__ = [
     "models",
     "sampling",
     "speculative_generate",
+    "trees",
     "verify",
 ]
