@@ -42,7 +42,12 @@ class Chain:
 
     @property
     def tokens_per_round(self) -> int:
-        """Most tokens one round emits, and tokens the target scores per round."""
+        """Most tokens one round emits."""
+        return self.k + 1
+
+    @property
+    def tokens_scored(self) -> int:
+        """Tokens the target scores per round (cache slots written past the committed length)."""
         return self.k + 1
 
     def check(self, sampling: Sampling) -> None:

@@ -20,6 +20,7 @@ from jspec.chain import Chain, ChainCarry, chain_round
 from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
 from jspec.models.kv_cache import new_slots
 from jspec.sampling import Sampling, sample, warp
+from jspec.static_tree import StaticTree, tree_round
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
 PAD_ID = -1  # Output.tokens past each row's length
@@ -176,8 +177,8 @@ def _speculative_generate(
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state)
     key_prefill, key_loop = jax.random.split(key)
-    # Slack past the last emitted token: a round writes tokens_per_round entries beyond the length.
-    cache_size = prompts.shape[1] + max_new_tokens + strategy.tokens_per_round + 1
+    # Slack past the last emitted token: a round writes tokens_scored entries beyond the length.
+    cache_size = prompts.shape[1] + max_new_tokens + strategy.tokens_scored + 1
     logits, target_cache = prefill(target, prompts, prompt_lengths, cache_size)
     _, drafter_cache = prefill(drafter, prompts, prompt_lengths, cache_size)
     first = sample(key_prefill, warp(logits, sampling))
@@ -187,7 +188,8 @@ def _speculative_generate(
         prev=jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0],
         last=first,
     )
-    round_fn = lambda carry, active, key: chain_round(strategy, target, drafter, carry, active, sampling, key)
+    strategy_round = tree_round if isinstance(strategy, StaticTree) else chain_round
+    round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
     return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, strategy.tokens_per_round)
 
 
@@ -234,7 +236,7 @@ def speculative_generate(
     prompts,
     *,
     max_new_tokens: int,
-    strategy: Chain = Chain(k=4),
+    strategy: Chain | StaticTree = Chain(k=4),
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     prompt_lengths=None,
@@ -248,7 +250,7 @@ def speculative_generate(
     _check_model("target", target)
     _check_model("drafter", drafter)
     _check_sampling(sampling)
-    if not isinstance(strategy, Chain):
+    if not isinstance(strategy, (Chain, StaticTree)):
         raise ValueError(f"strategy must be a jspec strategy such as jspec.Chain(k=4), got {strategy!r}")
     strategy.check(sampling)
     check_vocab(target.config, drafter.config)
