@@ -69,6 +69,41 @@ class ChainCarry:
     last: jax.Array
 
 
+def drafter_catch_up(
+    drafter: Transformer, cache: KVCache, prev: jax.Array, last: jax.Array
+) -> tuple[jax.Array, KVCache]:
+    """Feed `[prev, last]` (int32 `[B]` each) to the drafter, whose cache holds `seq[:-2]`.
+
+    Returns the drafter's logits after `last` `[B, V]` (the distribution of the first draft) and
+    the cache holding `seq`. Every round starts this way, chain or tree.
+    """
+    b = prev.shape[0]
+    tokens = jnp.stack([prev, last], axis=1)
+    positions = cache.lengths[:, None] + jnp.arange(2)
+    logits, cache = drafter(tokens, positions, causal_mask(b, 2), cache, logits_at=jnp.ones((b, 1), jnp.int32))
+    return logits[:, 0], commit(cache, jnp.full((b,), 2, jnp.int32))
+
+
+def next_carry(
+    carry: ChainCarry,
+    target_cache: KVCache,
+    drafter_cache: KVCache,
+    sequence: jax.Array,  # int32 [B, >= accepted + 1]: last, then the drafts along the accepted path
+    verdict,  # accepted [B], next_token [B]
+    active: jax.Array,  # bool [B]
+) -> ChainCarry:
+    """The carry after a round whose target cache is committed: the drafter rewound to one token
+    behind the target, `prev` the last accepted draft (or the old `last`), `last` the next token.
+    Inactive rows keep their tokens."""
+    prev_new = jnp.take_along_axis(sequence, verdict.accepted[:, None], axis=1)[:, 0]
+    return ChainCarry(
+        target_cache=target_cache,
+        drafter_cache=truncate(drafter_cache, target_cache.lengths - 1),
+        prev=jnp.where(active, prev_new, carry.prev),
+        last=jnp.where(active, verdict.next_token, carry.last),
+    )
+
+
 def draft_chain(
     drafter: Transformer,
     cache: KVCache,
@@ -85,11 +120,8 @@ def draft_chain(
     """
     b = prev.shape[0]
     keys = jax.random.split(key, k)
-    tokens = jnp.stack([prev, last], axis=1)
-    positions = cache.lengths[:, None] + jnp.arange(2)
-    logits, cache = drafter(tokens, positions, causal_mask(b, 2), cache, logits_at=jnp.ones((b, 1), jnp.int32))
-    cache = commit(cache, jnp.full((b,), 2, jnp.int32))
-    q = warp(logits[:, 0], sampling)
+    logits, cache = drafter_catch_up(drafter, cache, prev, last)
+    q = warp(logits, sampling)
     x = sample(keys[0], q)
 
     def step(carry, step_key):
@@ -152,15 +184,6 @@ def chain_round(
 
     n_emitted = verdict.accepted + 1
     target_cache = commit(target_cache, jnp.where(active, n_emitted, 0))
-    drafter_cache = truncate(drafter_cache, target_cache.lengths - 1)
-    tokens = emitted_tokens(draft_tokens, verdict)
-    # seq[-2] after the round: the last accepted draft, or the old `last` if none was accepted.
     sequence = jnp.concatenate([carry.last[:, None], draft_tokens], axis=1)  # [B, k+1]
-    prev_new = jnp.take_along_axis(sequence, verdict.accepted[:, None], axis=1)[:, 0]
-    carry = ChainCarry(
-        target_cache=target_cache,
-        drafter_cache=drafter_cache,
-        prev=jnp.where(active, prev_new, carry.prev),
-        last=jnp.where(active, verdict.next_token, carry.last),
-    )
-    return carry, tokens, n_emitted
+    carry = next_carry(carry, target_cache, drafter_cache, sequence, verdict, active)
+    return carry, emitted_tokens(draft_tokens, verdict), n_emitted

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec.chain import ChainCarry, emitted_tokens
-from jspec.models import Transformer, causal_mask, commit, commit_path, truncate
+from jspec.chain import ChainCarry, drafter_catch_up, emitted_tokens, next_carry
+from jspec.models import Transformer, commit_path
 from jspec.sampling import Sampling, sample, warp
 from jspec.tree_verify import verify_tree_deterministic, verify_tree_greedy, verify_tree_iid, verify_tree_without_replacement
 from jspec.trees import Tree, tree_ancestor_mask, tree_path
@@ -112,14 +112,10 @@ def draft_tree(
     b, n = prev.shape[0], strategy.size
     parent = jnp.broadcast_to(jnp.asarray(strategy.parents()), (b, n))
     depth = jnp.broadcast_to(jnp.repeat(jnp.arange(strategy.depth + 1), np.asarray(strategy.level_sizes)), (b, n))
-    logits, cache = drafter(
-        jnp.stack([prev, last], axis=1), cache.lengths[:, None] + jnp.arange(2), causal_mask(b, 2), cache,
-        logits_at=jnp.ones((b, 1), jnp.int32),
-    )
-    cache = commit(cache, jnp.full((b,), 2, jnp.int32))
+    logits, cache = drafter_catch_up(drafter, cache, prev, last)
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(last)
-    node_logits = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits[:, 0])
-    probs = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(warp(logits[:, 0], sampling))
+    node_logits = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+    probs = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(warp(logits, sampling))
     keys = jax.random.split(key, strategy.depth)
     starts = np.cumsum([0] + strategy.level_sizes)  # level l holds nodes starts[l] .. starts[l+1]-1
     tree = Tree(tokens, parent, depth, jnp.ones((b, n), bool))
@@ -161,17 +157,9 @@ def tree_round(
 
     path, path_length = tree_path(tree, verdict.node)  # root first; path_length = accepted + 1
     target_cache = commit_path(target_cache, path, jnp.where(active, path_length, 0))
-    # The drafter's new tokens are the non-root nodes (node i at index i - 1): keep the accepted
-    # drafts but the last, then rewind to one behind the target, as a chain round does.
+    # The drafter's new tokens are the non-root nodes (node i at index i - 1): gather the accepted
+    # drafts but the last into place; `next_carry` then rewinds it to one behind the target.
     drafter_cache = commit_path(drafter_cache, path[:, 1:] - 1, jnp.where(active, jnp.maximum(verdict.accepted - 1, 0), 0))
-    drafter_cache = truncate(drafter_cache, target_cache.lengths - 1)
     path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)  # [B, N], root first
-    tokens = emitted_tokens(path_tokens[:, 1 : strategy.depth + 1], verdict)
-    prev_new = jnp.take_along_axis(path_tokens, verdict.accepted[:, None], axis=1)[:, 0]
-    carry = ChainCarry(
-        target_cache=target_cache,
-        drafter_cache=drafter_cache,
-        prev=jnp.where(active, prev_new, carry.prev),
-        last=jnp.where(active, verdict.next_token, carry.last),
-    )
-    return carry, tokens, verdict.accepted + 1
+    carry = next_carry(carry, target_cache, drafter_cache, path_tokens, verdict, active)
+    return carry, emitted_tokens(path_tokens[:, 1 : strategy.depth + 1], verdict), verdict.accepted + 1
