@@ -20,7 +20,8 @@ from jspec.chain import Chain, ChainCarry, chain_round
 from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
 from jspec.models.kv_cache import new_slots
 from jspec.sampling import Sampling, sample, warp
-from jspec.static_tree import StaticTree, tree_round
+from jspec.static_tree import StaticTree
+from jspec.tree_round import is_tree_strategy, tree_round
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
 PAD_ID = -1  # Output.tokens past each row's length
@@ -188,7 +189,7 @@ def _speculative_generate(
         prev=jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0],
         last=first,
     )
-    strategy_round = tree_round if isinstance(strategy, StaticTree) else chain_round
+    strategy_round = chain_round if isinstance(strategy, Chain) else tree_round
     round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
     return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, strategy.tokens_per_round)
 
@@ -236,7 +237,7 @@ def speculative_generate(
     prompts,
     *,
     max_new_tokens: int,
-    strategy: Chain | StaticTree = Chain(k=4),
+    strategy: Chain | StaticTree = Chain(k=4),  # or any tree strategy (jspec.tree_round)
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     prompt_lengths=None,
@@ -250,7 +251,7 @@ def speculative_generate(
     _check_model("target", target)
     _check_model("drafter", drafter)
     _check_sampling(sampling)
-    if not isinstance(strategy, (Chain, StaticTree)):
+    if not (isinstance(strategy, Chain) or is_tree_strategy(strategy)):
         raise ValueError(f"strategy must be a jspec strategy such as jspec.Chain(k=4), got {strategy!r}")
     strategy.check(sampling)
     check_vocab(target.config, drafter.config)

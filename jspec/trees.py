@@ -78,14 +78,16 @@ def tree_positions(tree: Tree, lengths: jax.Array) -> jax.Array:
     return lengths[:, None] + tree.depth
 
 
-def tree_path(tree: Tree, node: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The root-to-`node` path of each row (node: int32 `[B]`).
+def tree_path(tree: Tree, node: jax.Array, ancestors: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The root-to-`node` path of each row (node: int32 `[B]`); `ancestors` is the tree's ancestor
+    mask `[B, N, N]` when the caller already has it.
 
     Returns node indices int32 `[B, N]` in root-to-node order (entries past the path's length
     are N - 1, unused) and the path length `depth[node] + 1`, int32 `[B]`.
     """
     n = tree.size
-    on_path = jnp.take_along_axis(tree_ancestor_mask(tree), node[:, None, None], axis=1)[:, 0]  # [B, N]
+    ancestors = tree_ancestor_mask(tree) if ancestors is None else ancestors
+    on_path = jnp.take_along_axis(ancestors, node[:, None, None], axis=1)[:, 0]  # [B, N]
     # Ancestors have smaller indices than their descendants: sorting the path's indices orders it.
     path = jnp.sort(jnp.where(on_path, jnp.arange(n), n - 1), axis=1)
     length = jnp.take_along_axis(tree.depth, node[:, None], axis=1)[:, 0] + 1

@@ -156,6 +156,34 @@ def test_attention_mask_sees_prefix_and_allowed_new_tokens():
     np.testing.assert_array_equal(visible, expected)
 
 
+def test_a_tree_scored_level_by_level_in_a_window_equals_one_pass():
+    """Nodes written at window offsets by separate calls, each level attending to the levels before
+    it through the wide mask, get the logits (and cache entries) of one pass over the whole tree."""
+    model = random_model(TINY, seed=3)
+    b, parent, depth = 2, [-1, 0, 0, 1, 2, 2], [0, 1, 1, 2, 2, 2]
+    ancestor = np.eye(6, dtype=bool)
+    for i in range(6):
+        j = parent[i]
+        while j >= 0:
+            ancestor[i, j], j = True, parent[j]
+    rng = np.random.RandomState(2)
+    prefix = jnp.asarray(rng.randint(0, TINY.vocab_size, (b, 4)))
+    nodes = jnp.asarray(rng.randint(0, TINY.vocab_size, (b, 6)))
+    cache = init_cache(TINY, b, 16)
+    _, cache = forward(model, prefix, jnp.broadcast_to(jnp.arange(4), (b, 4)), causal_mask(b, 4), cache)
+    cache = commit(cache, jnp.full((b,), 4, jnp.int32))
+    positions = 4 + jnp.broadcast_to(jnp.asarray(depth), (b, 6))
+    one_pass, one_cache = forward(model, nodes, positions, jnp.broadcast_to(jnp.asarray(ancestor), (b, 6, 6)), cache)
+
+    call = jax.jit(lambda m, *a, write_at: m(*a, write_at=write_at), static_argnums=0, static_argnames="write_at")
+    for level in ([0], [1, 2], [3, 4, 5]):
+        rows = jnp.asarray(level)
+        mask = jnp.broadcast_to(jnp.asarray(ancestor)[rows], (b, len(level), 6))
+        logits, cache = call(model, nodes[:, rows], positions[:, rows], mask, cache, write_at=level[0])
+        np.testing.assert_allclose(logits, one_pass[:, rows], atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(cache.keys[:, :, :10], one_cache.keys[:, :, :10], atol=1e-5)
+
+
 def test_save_load_round_trip(tmp_path):
     model = random_model(VARIANTS["qwen-like"], seed=5)
     save(model, tmp_path / "ckpt")

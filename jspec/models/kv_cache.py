@@ -52,8 +52,9 @@ def new_slots(lengths: jax.Array, t: int) -> jax.Array:
     return lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
 
 
-def write_layer(buffer: jax.Array, layer: int, new: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Write `new [B, T, H, D]` into layer `layer` of `buffer [L, B, S, H, D]` at each row's length.
+def write_layer(buffer: jax.Array, layer: int, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write `new [B, T, H, D]` into layer `layer` of `buffer [L, B, S, H, D]` at slots
+    `start[b] ..` of each row (its committed length, or further into the uncommitted window).
 
     A scatter into the one cache buffer (no per-layer copy), which XLA performs in place inside a
     while_loop. Slots past S are dropped rather than clamped, so an undersized cache can never
@@ -61,7 +62,7 @@ def write_layer(buffer: jax.Array, layer: int, new: jax.Array, lengths: jax.Arra
     """
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
-    return buffer.at[layer, rows, new_slots(lengths, t)].set(new.astype(buffer.dtype), mode="drop")
+    return buffer.at[layer, rows, new_slots(start, t)].set(new.astype(buffer.dtype), mode="drop")
 
 
 def commit(cache: KVCache, n: jax.Array) -> KVCache:

@@ -4,6 +4,11 @@
 `[B, T, V]` and the cache with the new keys/values written at each row's current length. Each new
 token attends to its row's committed prefix (`cache.lengths`) plus the new tokens `mask` allows:
 a causal mask scores a chain, a tree's ancestor mask scores a token tree, in one pass.
+
+A wider mask `[B, T, W]` with `write_at` scores new tokens against uncommitted entries written by
+earlier calls: the W slots after the committed prefix form a window, the new tokens are written at
+window offset `write_at`, and `mask` says which window slots each new token sees. A drafter grows a
+token tree this way, one level per call, without re-scoring the levels before it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def attention_mask(mask: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
     """Where each new token may look in the cache after its keys are written.
 
-    mask: bool `[B, T, T]` among new tokens; lengths: `[B]` committed slots. Returns bool `[B, T, S]`:
-    slot s is visible iff s < lengths (committed prefix) or s = lengths + j with mask[:, i, j].
+    mask: bool `[B, T, W]` over the W slots after the committed prefix (W = T: the new tokens
+    themselves); lengths: `[B]` committed slots. Returns bool `[B, T, S]`: slot s is visible iff
+    s < lengths (committed prefix) or s = lengths + j with mask[:, i, j].
     """
     t = mask.shape[-1]
     slots = jnp.arange(size)[None, :]  # [1, S]
@@ -84,6 +90,7 @@ class Attention(nnx.Module):
         visible: jax.Array,  # bool [B, T, S]
         cache: KVCache,  # all layers; this layer's new keys/values are written at `layer`
         layer: int,
+        start: jax.Array,  # int32 [B], the slot of the first new token
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         b, t, _ = x.shape
@@ -97,8 +104,8 @@ class Attention(nnx.Module):
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
         cache = KVCache(
-            keys=write_layer(cache.keys, layer, k, cache.lengths),
-            values=write_layer(cache.values, layer, v, cache.lengths),
+            keys=write_layer(cache.keys, layer, k, start),
+            values=write_layer(cache.values, layer, v, start),
             lengths=cache.lengths,
         )
         keys, values = cache.keys[layer], cache.values[layer]  # [B, S, H_kv, D]
@@ -138,8 +145,8 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(config, config.d_model, rngs)
         self.mlp = Mlp(config, rngs=rngs)
 
-    def __call__(self, x, positions, visible, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
-        a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer)
+    def __call__(self, x, positions, visible, cache: KVCache, layer: int, start) -> tuple[jax.Array, KVCache]:
+        a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer, start)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
@@ -184,14 +191,16 @@ class Transformer(nnx.Module):
         self,
         tokens: jax.Array,  # int32 [B, T]
         positions: jax.Array,  # int32 [B, T]
-        mask: jax.Array,  # bool [B, T, T]
+        mask: jax.Array,  # bool [B, T, W], W >= T
         cache: KVCache,
         logits_at: jax.Array | None = None,  # int32 [B, K], indices into the T new tokens
+        write_at: jax.Array | int = 0,  # int32 [] or [B], window offset of the first new token
     ) -> tuple[jax.Array, KVCache]:
         """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged).
 
         With `logits_at`, only the logits of those new tokens, `[B, K, V]`: the output head is most
         of a small model's cost, and prefill or a drafter's catch-up needs one position's logits.
+        `mask` and `write_at`: see the module docstring (defaults: a window of the T new tokens).
         """
         cfg = self.config
         x = self.embed(tokens)
@@ -200,8 +209,9 @@ class Transformer(nnx.Module):
         if cfg.positions == "learned":
             x = x + self.position_embed(jnp.clip(positions, 0, cfg.max_seq_len - 1))
         visible = attention_mask(mask, cache.lengths, cache.size)
+        start = cache.lengths + jnp.asarray(write_at, jnp.int32)
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, positions, visible, cache, layer)
+            x, cache = block(x, positions, visible, cache, layer, start)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
