@@ -119,8 +119,8 @@ def bench_section(records: list[dict], path: str) -> list[str]:
         "", "## infer.bench", "",
         f"`python -m infer.bench --json {path}` on {first['machine']}: {first['models'].splitlines()[-1]}; "
         f"{first['prompts'].removeprefix('prompts: ')}; {first['max_new_tokens']} new tokens; speedup over "
-        "autoregressive decoding in the same process; theoretical = tau x t_target(1) / (k x t_draft + t_target(k+1)) "
-        "from the measured pass costs.",
+        "autoregressive decoding in the same process; nodes = tokens the target scores per round; theoretical = "
+        "tau x t_target(1) / (t_draft_round + t_target(nodes)) from the measured costs (docs/benchmarks.md).",
         "", bench.markdown_table(records),
     ]
 

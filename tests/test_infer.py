@@ -53,10 +53,10 @@ def test_bench_writes_records(tmp_path, capsys):
     path = tmp_path / "bench.json"
     bench.main([
         *SMALL_RUN, "--json", str(path), "--ks", "2", "--verifiers", "sampling", "--temperatures", "1",
-        "--prompt-batches", "2",
+        "--prompt-batches", "2", "--node-budgets", "3", "--trees", "specinfer",
     ])
     records = json.loads(path.read_text())
-    assert [r["method"] for r in records] == ["ar", "chain-sampling-k2"]
+    assert [r["method"] for r in records] == ["ar", "chain-sampling-k2", "specinfer-n3"]
     numeric = [
         "temperature", "tau", "tokens_per_s", "speedup_vs_ar", "target_passes", "t_target_1_ms", "t_draft_ms",
         "theoretical_speedup", "achieved_over_theoretical",
@@ -66,14 +66,16 @@ def test_bench_writes_records(tmp_path, capsys):
             assert math.isfinite(record[key]), (record["method"], key)
         assert record["models"].startswith(RANDOM_MODELS_NOTE)
         assert record["machine"]
-    ar, chain = records
+    ar, chain, tree = records
     assert ar["speedup_vs_ar"] == 1.0
     assert ar["k"] is None and ar["tau"] == 1.0
-    assert chain["k"] == 2 and chain["verifier"] == "sampling"
+    assert chain["k"] == 2 and chain["verifier"] == "sampling" and chain["nodes"] == 3
     assert 1 <= chain["tau"] <= 3
+    assert tree["family"] == "tree" and tree["nodes"] == 3 and tree["strategy"].startswith("StaticTree")
+    assert 1 <= tree["tau"] <= 2  # a (2,) tree emits at most 2 tokens per round
     assert ar["prompt_batches"] == 2 and ar["target_passes"] == 7.0  # per row: 8 tokens, the first from prefill
     assert "2 batch(es) of 2" in ar["prompts"]
-    assert math.isfinite(chain["t_target_k1_ms"])
+    assert math.isfinite(chain["t_verify_ms"]) and math.isfinite(tree["t_draft_round_ms"])
     assert "| chain-sampling-k2 |" in capsys.readouterr().out
 
 
