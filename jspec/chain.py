@@ -18,9 +18,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jspec.lossy_verify import LossyVerifier
 from jspec.models import KVCache, Transformer, causal_mask, commit, truncate
 from jspec.sampling import Sampling, sample, warp
-from jspec.verify import CHAIN_VERIFIERS, Verdict
+from jspec.verify import CHAIN_VERIFIERS, ChainVerifier, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,17 +29,38 @@ class Chain:
     """Draft a chain of k tokens per round and verify it with `verifier`.
 
     verifier: "sampling" (Leviathan/Chen speculative sampling), "block" (Sun et al. block
-    verification) or "greedy" (temperature 0 only). All are lossless.
+    verification) or "greedy" (temperature 0 only), all lossless; or, as an explicit opt-in, a
+    lossy rule object from `jspec.lossy_verify` (`LossyTypical()`, `LossySpecDec()`), which makes
+    `lossy` True. No string selects a lossy rule.
     """
 
     k: int = 4
-    verifier: str = "sampling"
+    verifier: str | LossyVerifier = "sampling"
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
-        if self.verifier not in CHAIN_VERIFIERS:
-            raise ValueError(f"verifier must be one of {sorted(CHAIN_VERIFIERS)}, got {self.verifier!r}")
+        if not isinstance(self.verifier, LossyVerifier) and not (
+            isinstance(self.verifier, str) and self.verifier in CHAIN_VERIFIERS
+        ):
+            raise ValueError(
+                f"verifier must be one of {sorted(CHAIN_VERIFIERS)} or a lossy rule object "
+                f"(jspec.LossyTypical(), jspec.LossySpecDec()), got {self.verifier!r}"
+            )
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the output may differ in distribution from the target's (an opt-in lossy rule)."""
+        return isinstance(self.verifier, LossyVerifier)
+
+    @property
+    def verify_rule(self) -> ChainVerifier:
+        """The chain verifier: `verify(key, draft_tokens, draft_probs, target_probs) -> Verdict`."""
+        return self.verifier.verify if self.lossy else CHAIN_VERIFIERS[self.verifier]
+
+    def scoring(self, sampling: Sampling) -> Sampling:
+        """The warp of the target's logits the verifier sees (the decoding's own, for lossless rules)."""
+        return self.verifier.scoring(sampling) if self.lossy else sampling
 
     @property
     def tokens_per_round(self) -> int:
@@ -51,7 +73,7 @@ class Chain:
         return self.k + 1
 
     def check(self, sampling: Sampling) -> None:
-        """Reject combinations that would not be lossless."""
+        """Reject combinations that would not be lossless (a lossy rule, asked for, runs at any temperature)."""
         if self.verifier == "greedy" and not sampling.greedy:
             raise ValueError(
                 f"verifier 'greedy' is only lossless at temperature 0, got temperature={sampling.temperature}"
@@ -179,8 +201,11 @@ def chain_round(
     draft_tokens, draft_probs, drafter_cache = draft_chain(
         drafter, carry.drafter_cache, carry.prev, carry.last, strategy.k, sampling, key_draft
     )
-    target_probs, target_cache = score_chain(target, carry.target_cache, carry.last, draft_tokens, sampling)
-    verdict = CHAIN_VERIFIERS[strategy.verifier](key_verify, draft_tokens, draft_probs, target_probs)
+    # A lossy rule may see another warp of the same logits (SpecDec: logit gaps at temperature 0).
+    target_probs, target_cache = score_chain(
+        target, carry.target_cache, carry.last, draft_tokens, strategy.scoring(sampling)
+    )
+    verdict = strategy.verify_rule(key_verify, draft_tokens, draft_probs, target_probs)
 
     n_emitted = verdict.accepted + 1
     target_cache = commit(target_cache, jnp.where(active, n_emitted, 0))

@@ -20,7 +20,6 @@ from jspec.chain import Chain, ChainCarry, chain_round
 from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
 from jspec.models.kv_cache import new_slots
 from jspec.sampling import Sampling, sample, warp
-from jspec.static_tree import StaticTree
 from jspec.tree_round import is_tree_strategy, tree_round
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
@@ -168,6 +167,15 @@ def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, 
     return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, 1)
 
 
+def _round_function(strategy) -> Callable:
+    """The round a strategy runs: `chain_round`, `tree_round`, or the strategy's own
+    (`round_function`, with `init_carry` building its carry from the chain carry after prefill)."""
+    if isinstance(strategy, Chain):
+        return chain_round
+    own = getattr(strategy, "round_function", None)
+    return tree_round if own is None else own
+
+
 @functools.partial(
     jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "max_new_tokens")
 )
@@ -189,7 +197,9 @@ def _speculative_generate(
         prev=jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0],
         last=first,
     )
-    strategy_round = chain_round if isinstance(strategy, Chain) else tree_round
+    strategy_round = _round_function(strategy)
+    if getattr(strategy, "round_function", None) is not None:  # a strategy with a carry of its own
+        carry = strategy.init_carry(target, carry, sampling)
     round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
     return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, strategy.tokens_per_round)
 
@@ -237,7 +247,7 @@ def speculative_generate(
     prompts,
     *,
     max_new_tokens: int,
-    strategy: Chain | StaticTree = Chain(k=4),  # or any tree strategy (jspec.tree_round)
+    strategy=Chain(k=4),  # Chain or any tree strategy (jspec.tree_round): StaticTree, SequoiaTree, ...
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     prompt_lengths=None,

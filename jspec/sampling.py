@@ -83,6 +83,27 @@ def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
     return jnp.minimum(index, last_positive).astype(jnp.int32)
 
 
+def sample_without_replacement(key: jax.Array, probs: jax.Array, n: int) -> jax.Array:
+    """n distinct tokens per distribution in draw order: probs `[..., V]` -> int32 `[..., n]`.
+
+    Successive sampling: each draw is `sample` from the mass not drawn yet, which is the law of
+    Gumbel-top-n (top-n of log p + Gumbel noise) at n inverse-CDF draws instead of V Gumbels (on
+    CPU, V = 8192 Gumbels cost as much as a small drafter's forward pass). Once the support is
+    exhausted the remaining entries are tokens of probability 0, which no verifier accepts.
+    """
+    keys = jax.random.split(key, n)
+    vocab = jnp.arange(probs.shape[-1])
+    drawn = jnp.zeros(probs.shape, bool)
+    tokens = []
+    for i in range(n):  # n is small and static
+        # Past the support: the first token not drawn yet (probability 0, distinct from the draws).
+        x = jnp.where(probs.sum(axis=-1) > 0, sample(keys[i], probs), jnp.argmax(~drawn, axis=-1)).astype(jnp.int32)
+        tokens.append(x)
+        drawn |= vocab == x[..., None]
+        probs = jnp.where(drawn, 0.0, probs)
+    return jnp.stack(tokens, axis=-1)
+
+
 def residual(p: jax.Array, q: jax.Array) -> jax.Array:
     """norm((p - q)+) over the last axis: what to sample from after a rejection.
 

@@ -14,15 +14,9 @@ import math
 
 import numpy as np
 
-from jspec.sampling import Sampling
 from jspec.tree_draft import FixedShape, draft_fixed_shape
-from jspec.tree_verify import verify_tree_deterministic, verify_tree_greedy, verify_tree_iid, verify_tree_without_replacement
-
-CHILDREN = {
-    "iid": verify_tree_iid,  # children sampled independently from q (SpecInfer)
-    "without_replacement": verify_tree_without_replacement,  # Gumbel-top-k sampling (Sequoia, RSD-C)
-    "top_k": verify_tree_deterministic,  # the k most likely tokens of q (EAGLE-style candidates)
-}
+from jspec.tree_round import TreeStrategy
+from jspec.tree_verify import CHILD_VERIFIERS
 
 
 def check_branching(name: str, branching) -> None:
@@ -33,8 +27,8 @@ def check_branching(name: str, branching) -> None:
 
 
 def check_children(children) -> None:
-    if children not in CHILDREN:
-        raise ValueError(f"children must be one of {sorted(CHILDREN)}, got {children!r}")
+    if children not in CHILD_VERIFIERS:
+        raise ValueError(f"children must be one of {sorted(CHILD_VERIFIERS)}, got {children!r}")
 
 
 def branching_parents(branching: tuple[int, ...]) -> np.ndarray:
@@ -47,7 +41,7 @@ def branching_parents(branching: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticTree:
+class StaticTree(TreeStrategy):
     """Draft a tree with `branching[l]` children per node at depth l, e.g. (4, 2, 2, 1).
 
     children: how a node's children are chosen from the drafter's q: "iid" samples, "without_replacement"
@@ -78,15 +72,6 @@ class StaticTree:
         """N, the node budget (root included): the tokens the target scores per round."""
         return sum(self.level_sizes)
 
-    @property
-    def tokens_per_round(self) -> int:
-        """Most tokens one round emits: a full root-to-leaf path plus one."""
-        return self.depth + 1
-
-    @property
-    def tokens_scored(self) -> int:
-        return self.size
-
     def parents(self) -> np.ndarray:
         """int32 `[N]`, breadth-first: the children of a node are consecutive, levels in order."""
         return branching_parents(self.branching)
@@ -94,12 +79,6 @@ class StaticTree:
     @functools.cached_property
     def shape(self) -> FixedShape:
         return FixedShape.from_parents(self.parents())
-
-    def check(self, sampling: Sampling) -> None:
-        del sampling  # every combination is lossless
-
-    def verifier(self, sampling: Sampling):
-        return verify_tree_greedy if sampling.greedy else CHILDREN[self.children]
 
     def draft(self, drafter, cache, prev, last, sampling, key):
         return draft_fixed_shape(self.shape, self.children, drafter, cache, prev, last, sampling, key)

@@ -20,7 +20,7 @@ import numpy as np
 
 from jspec.chain import drafter_catch_up
 from jspec.models import KVCache, Transformer
-from jspec.sampling import Sampling, sample, warp
+from jspec.sampling import Sampling, sample, sample_without_replacement, warp
 from jspec.trees import Tree
 
 CHILD_MODES = ("iid", "without_replacement", "top_k")
@@ -97,8 +97,9 @@ def start_draft(
     )
 
 
-def _put(array: jax.Array, start, update: jax.Array) -> jax.Array:
-    """`array[:, start : start + M] = update` for a static or traced `start`."""
+def set_nodes(array: jax.Array, start, update: jax.Array) -> jax.Array:
+    """`array[:, start : start + M] = update` (array `[B, N, ...]`, update `[B, M, ...]`) for a static
+    or traced `start`: the per-node arrays of a growing tree."""
     index = (0, start) + (0,) * (array.ndim - 2)
     return jax.lax.dynamic_update_slice(array, update.astype(array.dtype), index)
 
@@ -127,11 +128,11 @@ def add_nodes(
     depth = jnp.take_along_axis(draft.depth, parent, axis=1) + 1
     draft = dataclasses.replace(
         draft,
-        tokens=_put(draft.tokens, start, tokens),
-        parent=_put(draft.parent, start, jnp.where(valid, parent, -1)),
-        depth=_put(draft.depth, start, depth),
-        valid=_put(draft.valid, start, valid),
-        ancestors=_put(draft.ancestors, start, rows),
+        tokens=set_nodes(draft.tokens, start, tokens),
+        parent=set_nodes(draft.parent, start, jnp.where(valid, parent, -1)),
+        depth=set_nodes(draft.depth, start, depth),
+        valid=set_nodes(draft.valid, start, valid),
+        ancestors=set_nodes(draft.ancestors, start, rows),
     )
     if not score:
         return draft
@@ -140,8 +141,8 @@ def add_nodes(
     logits, cache = drafter(tokens, positions, rows[:, :, 1:], cache, write_at=start - 1)
     return dataclasses.replace(
         draft,
-        logits=_put(draft.logits, start, logits),
-        probs=_put(draft.probs, start, warp(logits, sampling)),
+        logits=set_nodes(draft.logits, start, logits),
+        probs=set_nodes(draft.probs, start, warp(logits, sampling)),
         cache=cache,
     )
 
@@ -152,16 +153,17 @@ def choose_children(
     """n children for each of M nodes from their drafter logits and warped q `[B, M, V]` ->
     int32 `[B, M, n]`, in the order the verifier must try them.
 
-    "iid": independent samples from q; "without_replacement": Gumbel-top-n of log q, a sample
-    without replacement in draw order; "top_k": the n most likely. At temperature 0 (greedy) the
-    children are always the top-n of the raw logits (q is one-hot and would rank only its argmax).
+    "iid": independent samples from q; "without_replacement": a sample without replacement in
+    draw order (`sample_without_replacement`, the law of Gumbel-top-n of log q); "top_k": the n
+    most likely. At temperature 0 (greedy) the children are always the top-n of the raw logits
+    (q is one-hot and would rank only its argmax).
     """
     if greedy or mode == "top_k":
         return jax.lax.top_k(logits, n)[1].astype(jnp.int32)
     if mode == "iid":
         return sample(key, jnp.broadcast_to(probs[:, :, None, :], probs.shape[:2] + (n, probs.shape[-1])))
     if mode == "without_replacement":
-        return jax.lax.top_k(jnp.log(probs) + jax.random.gumbel(key, probs.shape), n)[1].astype(jnp.int32)
+        return sample_without_replacement(key, probs, n)
     raise ValueError(f"mode must be one of {CHILD_MODES}, got {mode!r}")
 
 

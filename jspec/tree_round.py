@@ -9,6 +9,10 @@ A tree strategy is a frozen dataclass with
     draft(drafter, cache, prev, last, sampling, key) -> DraftedTree
     verifier(sampling)         the tree verifier (`jspec.tree_verify`) that its children call for
 
+`TreeStrategy` below supplies tokens_per_round, tokens_scored, check and verifier for the
+common case. A strategy may also bring a round and carry of its own (`round_function`,
+`init_carry`), which `speculative_generate` then runs instead of `tree_round`.
+
 The carry and its cache invariant are the chain's (`jspec.chain.ChainCarry`): the target cache
 holds `seq[:-1]`, the drafter cache `seq[:-2]`, and the root of the tree is `last = seq[-1]`.
 """
@@ -21,10 +25,39 @@ import jax.numpy as jnp
 from jspec.chain import ChainCarry, emitted_tokens, next_carry
 from jspec.models import Transformer, commit_path
 from jspec.sampling import Sampling, warp
+from jspec.tree_verify import children_verifier
 from jspec.trees import tree_path
 
 
 TREE_STRATEGY_API = ("size", "max_depth", "tokens_per_round", "tokens_scored", "check", "draft", "verifier")
+
+
+class TreeStrategy:
+    """The defaults tree strategies share: a round emits at most a root-to-leaf path plus one
+    token, writes `size` cache slots, is lossless at every temperature, and is verified by the
+    verifier of how its children are chosen (`children`: "iid", "without_replacement" or "top_k",
+    `jspec.tree_verify.children_verifier`). A strategy adds `size`, `max_depth`, `children`
+    and `draft`, and overrides what differs."""
+
+    children: str = "without_replacement"
+
+    @property
+    def tokens_per_round(self) -> int:
+        """Most tokens one round emits: a full root-to-leaf path plus one."""
+        return self.max_depth + 1
+
+    @property
+    def tokens_scored(self) -> int:
+        """Cache slots a round writes past the committed length: the N nodes the target scores."""
+        return self.size
+
+    def check(self, sampling: Sampling) -> None:
+        """Every combination is lossless: nothing to refuse."""
+        del sampling
+
+    def verifier(self, sampling: Sampling):
+        """The lossless tree verifier (`jspec.tree_verify`) for this strategy's children."""
+        return children_verifier(self.children, sampling.greedy)
 
 
 def is_tree_strategy(strategy) -> bool:

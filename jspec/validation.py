@@ -7,12 +7,21 @@ arrays; inside a user's `jax.jit` the shapes and dtypes are still checked.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 import jax
 import jax.numpy as jnp
 
 from jspec.models import ModelConfig
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """`value` as an int, if it is an integer (not a bool) >= minimum; else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _concrete(x) -> np.ndarray | None:

@@ -8,7 +8,8 @@ draft). The Verdict holds the number of accepted drafts `n` per row and the one 
 them, so each row emits `x_1..x_n, next_token` (1..k+1 tokens). Rules: `shared/methods.md` sec. 1-2.
 
 All three are lossless. At temperature 0 (one-hot distributions) `verify_sampling` and
-`verify_block` make exactly the decisions of `verify_greedy`.
+`verify_block` make exactly the decisions of `verify_greedy`. `CHAIN_VERIFIERS` names only these;
+the lossy opt-in rules (typical acceptance, SpecDec) live in `jspec.lossy_verify` and have no name.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import jspec
-from infer import bench, generate
+from infer import bench, generate, methods
 from infer.models import DEMO_MODELS_NOTE, RANDOM_MODELS_NOTE, random_models
 
 SIZES = ["--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
@@ -23,6 +23,19 @@ def test_generate_greedy_outputs_identical(capsys):
     assert RANDOM_MODELS_NOTE in printed
     assert result["tau"] >= 1
     assert all(math.isfinite(result[key]) and result[key] > 0 for key in ("ar_tokens_per_s", "spec_tokens_per_s", "speedup"))
+
+
+def test_generate_with_a_tree_method(capsys):
+    """--tree sequoia: the acceptance vector is measured on the prompts, then the DP tree decodes."""
+    result = generate.main([*SMALL_RUN, "--tree", "sequoia", "--nodes", "5", "--temperature", "0"])
+    printed = capsys.readouterr().out
+    assert result["identical"] is True
+    assert "strategy SequoiaTree(" in printed
+
+
+def test_generate_rejects_a_node_budget_the_tree_cannot_use():
+    with pytest.raises(SystemExit):
+        generate.main([*SMALL_RUN, "--tree", "eagle", "--nodes", "4"])
 
 
 def test_generate_defaults_to_the_demo_models_and_code_prompts(capsys):
@@ -53,10 +66,10 @@ def test_bench_writes_records(tmp_path, capsys):
     path = tmp_path / "bench.json"
     bench.main([
         *SMALL_RUN, "--json", str(path), "--ks", "2", "--verifiers", "sampling", "--temperatures", "1",
-        "--prompt-batches", "2", "--node-budgets", "3", "--trees", "specinfer",
+        "--prompt-batches", "2", "--node-budgets", "3", "--trees", "specinfer", "sequoia", "--calibration-batches", "1",
     ])
     records = json.loads(path.read_text())
-    assert [r["method"] for r in records] == ["ar", "chain-sampling-k2", "specinfer-n3"]
+    assert [r["method"] for r in records] == ["ar", "chain-sampling-k2", "specinfer-n3", "sequoia-n3"]
     numeric = [
         "temperature", "tau", "tokens_per_s", "speedup_vs_ar", "target_passes", "t_target_1_ms", "t_draft_ms",
         "theoretical_speedup", "achieved_over_theoretical",
@@ -66,17 +79,34 @@ def test_bench_writes_records(tmp_path, capsys):
             assert math.isfinite(record[key]), (record["method"], key)
         assert record["models"].startswith(RANDOM_MODELS_NOTE)
         assert record["machine"]
-    ar, chain, tree = records
+    ar, chain, tree, sequoia = records
     assert ar["speedup_vs_ar"] == 1.0
     assert ar["k"] is None and ar["tau"] == 1.0
     assert chain["k"] == 2 and chain["verifier"] == "sampling" and chain["nodes"] == 3
     assert 1 <= chain["tau"] <= 3
     assert tree["family"] == "tree" and tree["nodes"] == 3 and tree["strategy"].startswith("StaticTree")
     assert 1 <= tree["tau"] <= 2  # a (2,) tree emits at most 2 tokens per round
+    assert sequoia["strategy"].startswith("SequoiaTree") and sequoia["nodes"] == 3 and 1 <= sequoia["tau"] <= 3
     assert ar["prompt_batches"] == 2 and ar["target_passes"] == 7.0  # per row: 8 tokens, the first from prefill
-    assert "2 batch(es) of 2" in ar["prompts"]
+    assert "3 batch(es) of 2" in ar["prompts"] and "the last 1 calibrate Sequoia only" in ar["prompts"]
     assert math.isfinite(chain["t_verify_ms"]) and math.isfinite(tree["t_draft_round_ms"])
     assert "| chain-sampling-k2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("budget", [3, 5, 9, 17])
+def test_bench_builds_every_tree_method_at_exactly_its_node_budget(budget):
+    """What `infer.bench --trees` runs: each tree strategy, scoring exactly `budget` nodes per round."""
+    strategies = {name: methods.tree_method(name, budget, lambda width: (0.6, 0.3, 0.1)[:width]).strategy for name in methods.TREE_METHODS}
+    assert {type(s).__name__ for s in strategies.values()} == {
+        "StaticTree", "RSD", "SequoiaTree", "DynamicTree", "MultiCandidate", "EagleTree"
+    }
+    assert all(s.size == budget for s in strategies.values())
+    assert strategies["rsd-s"].beam and strategies["rsd-c"].branching  # both RSD variants
+
+
+def test_bench_rejects_a_node_budget_no_tree_fits():
+    with pytest.raises(ValueError, match="node budget"):
+        methods.tree_method("eagle", 8)
 
 
 @pytest.mark.slow

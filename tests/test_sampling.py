@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import chi_square_pvalue
-from jspec.sampling import Sampling, residual, sample, warp
+from jspec.sampling import Sampling, residual, sample, sample_without_replacement, warp
 
 LOGITS = jnp.asarray([[1.0, 3.0, 2.0, 0.0, -1.0], [0.5, 0.5, 4.0, 1.0, 0.0]])
 
@@ -86,3 +86,29 @@ def test_sample_of_one_hot_rows_is_their_token():
     tokens = jax.random.randint(jax.random.key(1), (64,), 0, 8192)
     draws = sample(jax.random.key(2), jax.nn.one_hot(tokens, 8192))
     np.testing.assert_array_equal(np.asarray(draws), np.asarray(tokens))
+
+
+def _successive_law(p: np.ndarray) -> np.ndarray:
+    """P(first = i, second = j) of two draws without replacement: p_i p_j / (1 - p_i), `[V * V]`."""
+    joint = p[:, None] * p[None, :] / (1 - p[:, None])
+    np.fill_diagonal(joint, 0.0)
+    return joint.ravel()
+
+
+@pytest.mark.parametrize("draw", ["without_replacement", "iid"])
+def test_sample_without_replacement_has_the_law_of_gumbel_top_k(draw):
+    """The ordered pair of the first two draws follows the successive-sampling law (Gumbel-top-2);
+    two independent draws (the negative control) do not: they repeat tokens."""
+    p = np.asarray([0.5, 0.25, 0.15, 0.1], np.float32)
+    probs = jnp.broadcast_to(jnp.asarray(p), (200_000, 4))
+    if draw == "without_replacement":
+        x = np.asarray(sample_without_replacement(jax.random.key(0), probs, 2))
+    else:
+        x = np.stack([np.asarray(sample(k, probs)) for k in jax.random.split(jax.random.key(0))], axis=-1)
+    pvalue = chi_square_pvalue(x[:, 0] * 4 + x[:, 1], _successive_law(p.astype(np.float64)))
+    assert pvalue > 1e-3 if draw == "without_replacement" else pvalue < 1e-6
+
+
+def test_sample_without_replacement_past_the_support_gives_zero_mass_tokens():
+    x = np.asarray(sample_without_replacement(jax.random.key(1), jnp.asarray([[0.0, 0.7, 0.0, 0.3]]), 3))[0]
+    assert sorted(x[:2]) == [1, 3] and x[2] in (0, 2)

@@ -20,12 +20,15 @@ PARENT = np.asarray([-1, 0, 0, 0, 1, 1, 2, 2, 3, 3], np.int32)
 DEPTH = np.asarray([0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
 
 
-def _problem(seed: int):
-    """Context-free target and drafter: p and q depend only on the depth (0, 1, 2)."""
+def _problem(seed: int, root_support: int = VOCAB):
+    """Context-free target and drafter: p and q depend only on the depth (0, 1, 2). With
+    root_support < 3 the root's q (as after a top-k warp) has fewer tokens than the root has
+    children, so Gumbel-top-k must name tokens q cannot draw."""
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.full(VOCAB, 0.8), size=3).astype(np.float32)
     q = rng.dirichlet(np.full(VOCAB, 0.8), size=3).astype(np.float32)
-    return p, q
+    q[0, root_support:] = 0.0
+    return p, q / q.sum(axis=1, keepdims=True)
 
 
 def _draft(kind: str, q: np.ndarray, seed: int) -> jax.Array:
@@ -46,8 +49,8 @@ def _draft(kind: str, q: np.ndarray, seed: int) -> jax.Array:
     return tokens
 
 
-def _run(name: str, drafts: str, seed: int = 0):
-    p, q = _problem(seed)
+def _run(name: str, drafts: str, seed: int = 0, root_support: int = VOCAB):
+    p, q = _problem(seed, root_support)
     tokens = _draft(drafts, q, seed + 1)
     tree = tree_from_parents(tokens, jnp.broadcast_to(PARENT, tokens.shape), jnp.ones(tokens.shape, bool))
     target = jnp.broadcast_to(jnp.asarray(p[DEPTH]), (TRIALS, len(PARENT), VOCAB))
@@ -70,6 +73,16 @@ def test_tree_verifier_emits_the_target_distribution(name):
     assert chi_square_pvalue(first, p[0]) > 1e-3
     assert chi_square_pvalue(second[accepted >= 1], p[1]) > 1e-3  # given a kept first draft
     assert 0.3 < np.mean(accepted >= 1) and np.mean(accepted == 2) > 0.01  # the trees are really used
+
+
+@pytest.mark.slow
+def test_children_outside_the_drafters_support_are_never_accepted():
+    """Three children without replacement from a q with 2 tokens: the third is a token q gives 0
+    (top_k of -inf), not a draw. Accepting it because the residual has mass there would bias the
+    output; the rule must reject it and emit from the residual."""
+    p, accepted, first, second = _run("without_replacement", drafts="without_replacement", root_support=2)
+    assert chi_square_pvalue(first, p[0]) > 1e-3
+    assert chi_square_pvalue(second[accepted >= 1], p[1]) > 1e-3
 
 
 @pytest.mark.slow
