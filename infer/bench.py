@@ -33,6 +33,7 @@ from infer.methods import TREE_METHODS, Method, chain_method, tree_method, tree_
 from infer.models import add_model_arguments, models_from_args, prompt_batches
 from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup, time_calls
 
+from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
 
 TABLE_COLUMNS = [
@@ -167,16 +168,18 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def sequoia_acceptance(target, drafter, batches, sampling, seed) -> Callable[[int], tuple[float, ...]]:
-    """Sequoia's positional acceptance vector measured on calibration batches, per width (cached)."""
+def sequoia_acceptance(target, drafter, batches, sampling, seed, max_new_tokens) -> Callable[[int], tuple[float, ...]]:
+    """Sequoia's positional acceptance vector measured on calibration batches (`max_new_tokens`
+    target-generated positions per row), per width (cached)."""
     cache: dict[int, tuple[float, ...]] = {}
-
-    from jspec.sequoia import measure_acceptance  # TEMP lazy
 
     def acceptance(width: int) -> tuple[float, ...]:
         if width not in cache:
             vectors = [
-                measure_acceptance(target, drafter, prompts, width=width, sampling=sampling, rng=jax.random.key(seed + i))
+                measure_acceptance(
+                    target, drafter, prompts, width=width, sampling=sampling, rng=jax.random.key(seed + i),
+                    max_new_tokens=max_new_tokens,
+                )
                 for i, prompts in enumerate(batches)
             ]
             cache[width] = tuple(float(x) for x in np.mean(vectors, axis=0))
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         measured = measure(lambda prompts: jspec.generate(target, prompts, **common), batches, args.repeats)
         ar = make_record(None, temperature, measured, None, costs, None, context)
         records.append(ar)
-        acceptance = sequoia_acceptance(target, drafter, calibration, sampling, args.seed) if n_calibration else None
+        acceptance = sequoia_acceptance(target, drafter, calibration, sampling, args.seed, args.max_new_tokens) if n_calibration else None
         methods = [m for m in chains if not (m.verifier == "greedy" and not sampling.greedy)]  # greedy: T=0 only
         methods += [tree_method(name, n, acceptance) for n in args.node_budgets for name in args.trees]
         for method in methods:
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             record = make_record(method, temperature, measured, ar["tokens_per_s"], costs, t_draft_round, context)
             records.append(record)
             print(markdown_table([record]).splitlines()[-1], flush=True)
+            # Each method's programs are used once: drop them, or the XLA:CPU code mappings of ~60
+            # methods pass Linux's 65,530 maps per process and compilation aborts.
+            jax.clear_caches()
 
     with open(args.json, "w") as f:
         json.dump(records, f, indent=2)

@@ -1,6 +1,7 @@
 """Generate with autoregressive and speculative decoding on the same prompts and compare them.
 
     python -m infer.generate [--k 4] [--verifier sampling] [--temperature 0] ...
+    python -m infer.generate --tree eagle --nodes 9        # a token-tree strategy instead of a chain
 
 Prints row 0 of both outputs, whether they are identical (they must be at temperature 0), tau
 and the tokens/s of each method, timed in this process with the compile excluded.
@@ -15,8 +16,10 @@ import jax
 import numpy as np
 
 import jspec
+from infer.methods import TREE_METHODS, tree_method
 from infer.models import add_model_arguments, models_from_args, prompts_from_args, uses_demo_models
 from infer.timing import time_calls
+from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
 
 
@@ -25,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument("--verifier", choices=sorted(CHAIN_VERIFIERS), default="sampling", help="chain verifier (default: sampling)")
+    parser.add_argument(
+        "--tree", choices=TREE_METHODS, default=None,
+        help="decode with this token-tree method (infer/methods.py) instead of Chain(--k) (default: the chain)",
+    )
+    parser.add_argument("--nodes", type=int, default=9, help="the tree's node budget, tokens scored per round (default: 9)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
@@ -44,9 +52,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
     sampling = jspec.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    strategy = jspec.Chain(k=args.k, verifier=args.verifier)
     prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
     rng = jax.random.key(args.seed)
+    if args.tree is None:
+        strategy = jspec.Chain(k=args.k, verifier=args.verifier)
+    else:
+        # Sequoia's acceptance vector is measured on these prompts (infer.bench uses separate ones).
+        acceptance = lambda width: tuple(
+            float(x) for x in measure_acceptance(target, drafter, prompts, width=width, sampling=sampling, rng=rng)
+        )
+        try:
+            strategy = tree_method(args.tree, args.nodes, acceptance).strategy
+        except ValueError as error:
+            parser.error(f"--nodes: {error}")
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng)
 
     # The median of --repeats timed calls each, after an untimed one that compiles it.
