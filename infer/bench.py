@@ -1,6 +1,6 @@
 """Benchmark autoregressive decoding against chains and every tree strategy, in one process, on the same prompts.
 
-    python -m infer.bench --json FILE [--ks 2 4 6] [--node-budgets 5 9] [--trees ...] [--temperatures 0 1] ...
+    python -m infer.bench --json FILE [--ks 2 4 6] [--node-budgets 5 9 17] [--trees ...] [--temperatures 0 1] ...
 
 Every method decodes the same --prompt-batches batches of --batch-size prompts (acceptance varies
 a lot between prompts, so one prompt says little). Each batch is called once untimed (compile only
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="chain verifiers (default: sampling block); greedy runs at temperature 0 only",
     )
     parser.add_argument(
-        "--node-budgets", type=int, nargs="*", default=[5, 9],
-        help="tree node budgets N, tokens scored per round; each also adds Chain(k=N-1) (default: 5 9)",
+        "--node-budgets", type=int, nargs="*", default=[5, 9, 17],
+        help="tree node budgets N, tokens scored per round; each also adds Chain(k=N-1) (default: 5 9 17)",
     )
     parser.add_argument(
         "--trees", nargs="*", choices=TREE_METHODS, default=list(TREE_METHODS),
