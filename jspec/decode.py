@@ -167,15 +167,6 @@ def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, 
     return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, 1)
 
 
-def _round_function(strategy) -> Callable:
-    """The round a strategy runs: `chain_round`, `tree_round`, or the strategy's own
-    (`round_function`, with `init_carry` building its carry from the chain carry after prefill)."""
-    if isinstance(strategy, Chain):
-        return chain_round
-    own = getattr(strategy, "round_function", None)
-    return tree_round if own is None else own
-
-
 @functools.partial(
     jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "max_new_tokens")
 )
@@ -197,9 +188,13 @@ def _speculative_generate(
         prev=jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0],
         last=first,
     )
-    strategy_round = _round_function(strategy)
-    if getattr(strategy, "round_function", None) is not None:  # a strategy with a carry of its own
+    if isinstance(strategy, Chain):
+        strategy_round = chain_round
+    elif getattr(strategy, "round_function", None) is not None:  # a round and a carry of its own
+        strategy_round = strategy.round_function
         carry = strategy.init_carry(target, carry, sampling)
+    else:
+        strategy_round = tree_round
     round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
     return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, strategy.tokens_per_round)
 

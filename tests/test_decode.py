@@ -182,11 +182,26 @@ def _sample_codes(run) -> np.ndarray:
     return np.concatenate([_codes(run(prompts, jax.random.key(seed)).tokens) for seed in range(CALLS)])
 
 
+def unrelated_small_pair():
+    """The SMALL target and a drafter unrelated to it: the pair of every exact-distribution test."""
+    return random_model(SMALL, seed=11, scale=3.0), random_model(SMALL, seed=12, scale=3.0)
+
+
+def first3_pvalue(strategy, sampling: Sampling = Sampling(temperature=1.0), pair=None) -> float:
+    """Chi-square p-value of the first 3 tokens of `speculative_generate` with `strategy` (on
+    `pair`, by default `unrelated_small_pair()`) against the target's exact distribution."""
+    target, drafter = pair or unrelated_small_pair()
+    codes = _sample_codes(
+        lambda prompts, key: jspec.speculative_generate(
+            target, drafter, prompts, max_new_tokens=3, strategy=strategy, sampling=sampling, rng=key
+        )
+    )
+    return chi_square_pvalue(codes, _exact_first3(target, sampling))
+
+
 @pytest.fixture(scope="module")
 def small_pair():
-    target = random_model(SMALL, seed=11, scale=3.0)
-    drafter = random_model(SMALL, seed=12, scale=3.0)  # unrelated to the target
-    return target, drafter
+    return unrelated_small_pair()
 
 
 @pytest.mark.slow

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import chi_square_pvalue, perturbed, random_model
+from conftest import perturbed
 from jspec.early_stop import FEATURES, ConfidenceStop, EarlyStop
 from jspec.multi_candidate import MultiCandidate
 from jspec.sampling import Sampling
-from test_decode import SMALL, _exact_first3, _sample_codes
+from test_decode import first3_pvalue, unrelated_small_pair
 
 # A hand-set "learned" rule (continue while max_prob is high and entropy low), so the EarlyStop
 # path runs without training; tests/test_early_stop.py trains a real one.
@@ -62,7 +62,7 @@ def test_early_stop_cuts_the_tree_to_the_first_level(tiny_target):
 
 @pytest.fixture(scope="module")
 def small_pair():
-    return random_model(SMALL, seed=11, scale=3.0), random_model(SMALL, seed=12, scale=3.0)  # unrelated
+    return unrelated_small_pair()
 
 
 @pytest.mark.slow
@@ -74,25 +74,10 @@ def small_pair():
     ids=["replacement", "without-replacement-early-stop"],
 )
 def test_sampled_multi_candidate_matches_exact_target_distribution(small_pair, strategy):
-    target, drafter = small_pair
-    sampling = Sampling(temperature=1.0)
-    codes = _sample_codes(
-        lambda prompts, key: jspec.speculative_generate(
-            target, drafter, prompts, max_new_tokens=3, strategy=strategy, sampling=sampling, rng=key
-        )
-    )
-    assert chi_square_pvalue(codes, _exact_first3(target, sampling)) > 1e-3
+    assert first3_pvalue(strategy, pair=small_pair) > 1e-3
 
 
 # --- Target-initialised candidates (Improved MCSD (i)) ------------------------------------------
-
-
-def _target_init_generate(target, drafter, prompts, strategy, sampling, key, max_new_tokens, lengths=None):
-    """speculative_generate runs the strategy's own round and carry (`round_function`, `init_carry`)."""
-    return jspec.speculative_generate(
-        target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=max_new_tokens, strategy=strategy,
-        sampling=sampling, rng=None if sampling.greedy else key,
-    )
 
 
 def test_lossy_target_init_is_exact_at_temperature_0(tiny_target):
@@ -100,7 +85,7 @@ def test_lossy_target_init_is_exact_at_temperature_0(tiny_target):
     expected = jspec.generate(tiny_target, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=20)
     strategy = MultiCandidate((3, 2, 1), lossy_target_init=True)
     drafter = perturbed(tiny_target, 1.0, seed=1)
-    out = _target_init_generate(tiny_target, drafter, PROMPTS, strategy, Sampling(), jax.random.key(0), 20, LENGTHS)
+    out = jspec.speculative_generate(tiny_target, drafter, PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=20, strategy=strategy)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
 
 
@@ -110,11 +95,7 @@ def test_target_init_is_lossy_unless_one_candidate(small_pair, k_config, lossles
     """The verdict on Improved MCSD's target initialisation, measured: keeping the target-drawn
     candidate whose continuation is accepted longest distorts the output (chi-square p ~ 1e-60
     with 3 candidates); with one candidate nothing is chosen and the same round is exact."""
-    target, drafter = small_pair
-    sampling = Sampling(temperature=1.0)
-    strategy = MultiCandidate(k_config, lossy_target_init=True)
-    codes = _sample_codes(lambda prompts, key: _target_init_generate(target, drafter, prompts, strategy, sampling, key, 3))
-    pvalue = chi_square_pvalue(codes, _exact_first3(target, sampling))
+    pvalue = first3_pvalue(MultiCandidate(k_config, lossy_target_init=True), pair=small_pair)
     assert pvalue > 1e-3 if lossless else pvalue < 1e-6, pvalue
 
 
