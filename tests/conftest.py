@@ -34,6 +34,21 @@ def perturbed(model: Transformer, noise: float, seed: int) -> Transformer:
     return nnx.merge(graph, jax.tree.unflatten(treedef, leaves))
 
 
+def assert_greedy_matches_target(target: Transformer, strategy, prompts, lengths, max_new_tokens: int = 20) -> None:
+    """Greedy speculative decoding with `strategy` equals greedy `jspec.generate`, token for token,
+    with a close (noise 0.3) and a poor (noise 1.0) perturbed drafter."""
+    import jspec
+
+    expected = jspec.generate(target, prompts, prompt_lengths=lengths, max_new_tokens=max_new_tokens)
+    for noise in (0.3, 1.0):
+        out = jspec.speculative_generate(
+            target, perturbed(target, noise, seed=1), prompts, prompt_lengths=lengths,
+            max_new_tokens=max_new_tokens, strategy=strategy,
+        )
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
+
+
 @nnx.jit
 def forward(model: Transformer, tokens, positions, mask, cache):
     """`model(tokens, positions, mask, cache)`, compiled once per shape (eager op-by-op dispatch

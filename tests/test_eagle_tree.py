@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jspec
-from conftest import TINY, forward, perturbed
+from conftest import TINY, assert_greedy_matches_target, forward, perturbed
 from jspec.decode import prefill
 from jspec.eagle_tree import EagleTree, pool_size, rerank, top_value_nodes
 from jspec.models import causal_mask, init_cache
@@ -40,16 +40,7 @@ def sharpened(model, factor: float):
 
 
 def test_greedy_eagle_decoding_equals_greedy_autoregressive(tiny_target):
-    prompts = _prompts(2)
-    lengths = np.array([6, 3, 5, 2], np.int32)
-    expected = jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=20)
-    for noise in (0.3, 1.0):
-        drafter = perturbed(tiny_target, noise, seed=1)
-        out = jspec.speculative_generate(
-            tiny_target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=20, strategy=STRATEGY
-        )
-        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
-        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
+    assert_greedy_matches_target(tiny_target, STRATEGY, _prompts(2), np.array([6, 3, 5, 2], np.int32))
 
 
 def test_identical_drafter_accepts_a_full_path_every_round(tiny_target):

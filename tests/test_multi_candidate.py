@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import perturbed
+from conftest import assert_greedy_matches_target, perturbed
 from jspec.early_stop import FEATURES, ConfidenceStop, EarlyStop
 from jspec.multi_candidate import MultiCandidate
 from jspec.sampling import Sampling
@@ -32,15 +32,7 @@ LENGTHS = np.array([6, 3, 5, 2], np.int32)
 
 @pytest.mark.parametrize("strategy", GREEDY, ids=["replacement", "without-replacement-learned-stop"])
 def test_greedy_multi_candidate_equals_greedy_autoregressive(tiny_target, strategy):
-    prompts, lengths = PROMPTS, LENGTHS
-    expected = jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=20)
-    for noise in (0.3, 1.0):
-        drafter = perturbed(tiny_target, noise, seed=1)
-        out = jspec.speculative_generate(
-            tiny_target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=20, strategy=strategy
-        )
-        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
-        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
+    assert_greedy_matches_target(tiny_target, strategy, PROMPTS, LENGTHS)
 
 
 def test_early_stop_cuts_the_tree_to_the_first_level(tiny_target):

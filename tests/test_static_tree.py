@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import perturbed
+from conftest import assert_greedy_matches_target, perturbed
 from test_decode import first3_pvalue
 
 STRATEGIES = [
@@ -22,15 +22,7 @@ STRATEGIES = [
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
 def test_greedy_tree_decoding_equals_greedy_autoregressive(tiny_target, strategy):
     prompts = np.asarray(jax.random.randint(jax.random.key(2), (4, 6), 0, 64), np.int32)
-    lengths = np.array([6, 3, 5, 2], np.int32)
-    expected = jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=20)
-    for noise in (0.3, 1.0):
-        drafter = perturbed(tiny_target, noise, seed=1)
-        out = jspec.speculative_generate(
-            tiny_target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=20, strategy=strategy
-        )
-        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
-        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
+    assert_greedy_matches_target(tiny_target, strategy, prompts, np.array([6, 3, 5, 2], np.int32))
 
 
 def test_identical_drafter_accepts_a_full_path_every_round(tiny_target):
