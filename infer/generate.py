@@ -17,7 +17,7 @@ import numpy as np
 
 import jspec
 from infer.methods import TREE_METHODS, tree_method
-from infer.models import add_model_arguments, models_from_args, prompts_from_args, uses_demo_models
+from infer.models import add_model_arguments, models_from_args, prompts_from_args, text_tokenizer
 from infer.timing import time_calls
 from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(description)
     print(f"{prompts_description}; max_new_tokens {args.max_new_tokens}; {sampling}; strategy {strategy}")
-    if uses_demo_models(args):
-        tokenizer = jspec.demo.tokenizer()
+    tokenizer = text_tokenizer(args)
+    if tokenizer is not None:
         for title, tokens in (("prompt", np.asarray(prompts[0]).tolist()), ("AR", _valid_tokens(ar, 0)), ("speculative", _valid_tokens(spec, 0))):
             print(f"----- row 0, {title} -----\n{tokenizer.decode(tokens)}")
         print("-----")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 from flax import nnx
@@ -130,10 +131,20 @@ def random_models(seed: int = 0, preset: str = "small") -> tuple[Transformer, Tr
     return target, drafter, description
 
 
+def is_hf_checkpoint(path: str) -> bool:
+    """A Hugging Face checkpoint directory (config.json beside safetensors), not a jspec one."""
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+def load_checkpoint(path: str) -> Transformer:
+    """A `jspec.models.save` checkpoint or a Hugging Face checkpoint directory (`jspec.models.from_hf`)."""
+    return jspec.models.from_hf(path) if is_hf_checkpoint(path) else jspec.models.load(path)
+
+
 def loaded_models(target_path: str, drafter_path: str) -> tuple[Transformer, Transformer, str]:
-    """(target, drafter, description) from two `jspec.models.save` checkpoints."""
-    target = jspec.models.load(target_path)
-    drafter = jspec.models.load(drafter_path)
+    """(target, drafter, description) from two checkpoints, jspec or Hugging Face."""
+    target = load_checkpoint(target_path)
+    drafter = load_checkpoint(drafter_path)
     description = "\n".join([
         "models: checkpoints",
         f"target: {target_path} ({_describe_config(target.config)})",
@@ -165,8 +176,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="which bundled drafter drafts for the bundled target (default: drafter-distilled)",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="random-init models of this size instead of the demo models")
-    parser.add_argument("--target", metavar="PATH", help="target checkpoint (jspec.models.save); needs --drafter")
-    parser.add_argument("--drafter", metavar="PATH", help="drafter checkpoint (jspec.models.save); needs --target")
+    parser.add_argument(
+        "--target", metavar="PATH",
+        help="target checkpoint: jspec.models.save or a Hugging Face directory (config.json, safetensors); needs --drafter",
+    )
+    parser.add_argument("--drafter", metavar="PATH", help="drafter checkpoint (as --target); needs --target")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random models, prompts and sampling (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default: 64)")
@@ -174,6 +188,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def uses_demo_models(args: argparse.Namespace) -> bool:
     return args.preset is None and args.target is None
+
+
+def text_tokenizer(args: argparse.Namespace):
+    """The tokenizer of the models in use: the demo models', a Hugging Face target's tokenizer.json, or None."""
+    if uses_demo_models(args):
+        return demo.tokenizer()
+    if args.target is not None and os.path.exists(os.path.join(args.target, "tokenizer.json")):
+        return jspec.models.load_tokenizer(args.target)
+    return None
 
 
 def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Transformer, str]:
@@ -218,6 +241,20 @@ def prompt_batches(
         return batches, (
             f"prompts: the last {args.prompt_len} tokens of {args.batch_size * n_batches} held-out stdlib code "
             f"snippet(s) (jspec.demo.prompts), {n_batches} batch(es) of {args.batch_size}"
+        )
+    tokenizer = text_tokenizer(args)
+    if tokenizer is not None:  # a Hugging Face target with its tokenizer.json: the same code, its own tokens
+        texts = demo.prompts()
+        if args.batch_size < 1 or args.batch_size * n_batches > len(texts):
+            parser.error(f"--batch-size x batches must lie in [1, {len(texts)}] (the demo prompts), got {args.batch_size} x {n_batches}")
+        texts = texts[: args.batch_size * n_batches]
+        batches = [
+            jax.numpy.asarray(demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len, tokenizer))
+            for i in range(n_batches)
+        ]
+        return batches, (
+            f"prompts: the last {args.prompt_len} tokens of {len(texts)} held-out stdlib code snippet(s), "
+            f"encoded with {args.target}/tokenizer.json, {n_batches} batch(es) of {args.batch_size}"
         )
     batches = [random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed + i) for i in range(n_batches)]
     return batches, f"prompts: {n_batches} batch(es) of {args.batch_size} x {args.prompt_len} random token ids (seeds {args.seed}..)"

@@ -9,7 +9,7 @@ import pytest
 
 import jspec
 from infer import bench, generate, methods
-from infer.models import DEMO_MODELS_NOTE, RANDOM_MODELS_NOTE, random_models
+from infer.models import DEMO_MODELS_NOTE, RANDOM_MODELS_NOTE, Preset, random_models, random_target, truncated_drafter
 
 SIZES = ["--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
 SMALL_RUN = ["--preset", "tiny", *SIZES]
@@ -60,6 +60,20 @@ def test_generate_loads_checkpoints(tmp_path, capsys):
     result = generate.main([*SIZES, "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter")])
     assert result["identical"] is True
     assert capsys.readouterr().out.startswith("models: checkpoints")
+
+
+def test_generate_loads_hugging_face_checkpoints_and_their_tokenizer(tmp_path, capsys):
+    config = jspec.models.ModelConfig(
+        vocab_size=8192, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=256, tie_embeddings=False
+    )
+    target = random_target(Preset(config, drafter_layers=1), seed=0)
+    jspec.models.to_hf(target, tmp_path / "target")
+    jspec.models.to_hf(truncated_drafter(target, 1), tmp_path / "drafter")
+    jspec.demo.tokenizer().save(str(tmp_path / "target" / "tokenizer.json"))
+    result = generate.main([*SIZES, "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter")])
+    assert result["identical"] is True
+    out = capsys.readouterr().out
+    assert "encoded with" in out and "----- row 0, prompt -----" in out  # demo code prompts, decoded output
 
 
 def test_bench_writes_records(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TINY, forward, random_model
 from jspec.models import (
+    RopeScaling,
     attention_mask,
     causal_mask,
     commit,
@@ -26,6 +27,11 @@ VARIANTS = {
     "qwen-like": dataclasses.replace(TINY, n_kv_heads=4, qkv_bias=True, qk_norm=True),
     "gpt2-like": dataclasses.replace(TINY, norm="layer", mlp="gelu", positions="learned", tie_embeddings=True),
     "gemma-like": dataclasses.replace(TINY, n_kv_heads=1, mlp="geglu", scale_embeddings=True, head_dim=16),
+    "gemma2-like": dataclasses.replace(
+        TINY, n_kv_heads=1, mlp="geglu", scale_embeddings=True, head_dim=16, post_norms=True, attn_scale=0.3,
+        attn_softcap=2.0, final_softcap=3.0, sliding_window=4, sliding_window_layers=(0,),
+        rope_scaling=RopeScaling("llama3", 8.0, original_max_len=8), o_bias=True, mlp_bias=True,
+    ),
     "bfloat16": dataclasses.replace(TINY, dtype="bfloat16"),
 }
 TOLERANCE = {"bfloat16": 0.1}  # bf16 activations and cache: rounding differs between chunk shapes
@@ -184,8 +190,9 @@ def test_a_tree_scored_level_by_level_in_a_window_equals_one_pass():
     np.testing.assert_allclose(cache.keys[:, :, :10], one_cache.keys[:, :, :10], atol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = random_model(VARIANTS["qwen-like"], seed=5)
+@pytest.mark.parametrize("name", ["qwen-like", "gemma2-like"])
+def test_save_load_round_trip(tmp_path, name):
+    model = random_model(VARIANTS[name], seed=5)
     save(model, tmp_path / "ckpt")
     loaded = load(tmp_path / "ckpt")
     assert loaded.config == model.config
@@ -199,8 +206,13 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("vocab_size", 0), ("n_heads", 3), ("mlp", "relu"), ("norm", "batch"), ("dtype", "float33")],
+    [
+        ("vocab_size", 0), ("n_heads", 3), ("mlp", "relu"), ("norm", "batch"), ("dtype", "float33"),
+        ("sliding_window", 0), ("sliding_window_layers", (0,)), ("attn_softcap", -1.0), ("rope_scaling", "llama3"),
+    ],
 )
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **{field: value})
+    with pytest.raises(ValueError, match="RopeScaling"):
+        RopeScaling("yarn", 4.0)

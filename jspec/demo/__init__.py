@@ -63,13 +63,14 @@ def prompts() -> list[str]:
         return [p["text"] for p in json.load(f)]
 
 
-def encode_prompts(texts: list[str], length: int) -> np.ndarray:
+def encode_prompts(texts: list[str], length: int, tokenizer_=None) -> np.ndarray:
     """The last `length` tokens of each text: int32 `[len(texts), length]`, so all rows end where
-    their snippet ends and need no padding."""
+    their snippet ends and need no padding. `tokenizer_`: a `tokenizers.Tokenizer` (default: the
+    demo models'), e.g. a Hugging Face checkpoint's (`jspec.models.load_tokenizer`)."""
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     rows = []
-    for i, ids in enumerate(e.ids for e in tokenizer().encode_batch(texts)):
+    for i, ids in enumerate(e.ids for e in (tokenizer_ or tokenizer()).encode_batch(texts)):
         if len(ids) < length:
             raise ValueError(f"texts[{i}] has {len(ids)} tokens, fewer than length={length}")
         rows.append(ids[-length:])

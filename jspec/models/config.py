@@ -1,8 +1,9 @@
 """Model configuration: one frozen dataclass covers every supported architecture family.
 
-Llama-style blocks are the default; Qwen2/Qwen3/Gemma/GPT-2 differ only by the switches below
-(bias on q/k/v, q/k RMSNorm, MLP kind, norm kind, learned positions, embedding scale), so a new
-family is a config, not a copy of the transformer.
+Llama-style blocks are the default; Qwen2/Qwen3/Gemma/Gemma 2/GPT-2 differ only by the switches
+below (biases, q/k RMSNorm, MLP kind, norm kind, learned positions, embedding scale, RoPE scaling,
+post-norms, soft-capping, sliding windows), so a new family is a config, not a copy of the
+transformer. `jspec.models.hf` maps Hugging Face configs onto these switches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,34 @@ import jax.numpy as jnp
 MlpKind = Literal["swiglu", "geglu", "gelu"]
 NormKind = Literal["rms", "layer"]
 PositionKind = Literal["rope", "learned"]
+RopeScalingKind = Literal["linear", "llama3"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for long contexts (Hugging Face's `rope_scaling` / `rope_parameters`).
+
+    "linear": every inverse frequency divided by `factor` (position interpolation).
+    "llama3": Llama 3.1's rule: wavelengths above original_max_len / low_freq_factor divided by
+    `factor`, below original_max_len / high_freq_factor kept, smoothly interpolated in between.
+    """
+
+    kind: RopeScalingKind
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in RopeScalingKind.__args__:
+            raise ValueError(f"RopeScaling.kind must be one of {RopeScalingKind.__args__}, got {self.kind!r}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor!r}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(
+                "RopeScaling needs high_freq_factor > low_freq_factor > 0 for llama3, got "
+                f"{self.high_freq_factor!r}, {self.low_freq_factor!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +74,27 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(d_model)
+    o_bias: bool = False  # bias on the attention output projection (GPT-2; Llama's attention_bias)
+    mlp_bias: bool | None = None  # None: biases iff mlp == "gelu" (GPT-2); Llama's mlp_bias sets True
+    gelu_approximate: bool = True  # tanh GELU (GPT-2's gelu_new, Gemma's gelu_pytorch_tanh); False: erf
+    rope_scaling: RopeScaling | None = None
+    post_norms: bool = False  # Gemma 2: also normalise the attention and MLP outputs before the residual add
+    attn_scale: float | None = None  # query scale; None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    sliding_window: int | None = None  # a query at position p sees keys at positions > p - sliding_window
+    sliding_window_layers: tuple[int, ...] | None = None  # layers that use it; None: every layer
     # VocabTrim: the output head covers only `head_tokens` of the vocabulary (a token map stored in
     # the model); logits of the other tokens are -inf, so q stays a distribution over vocab_size.
     head_tokens: int | None = None
 
     def __post_init__(self):
+        # JSON (checkpoints) turns tuples into lists and dataclasses into dicts; restore them so the
+        # config stays hashable (it is static in every jitted function).
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.sliding_window_layers, list):
+            object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -73,6 +118,21 @@ class ModelConfig:
         for name, allowed in (("mlp", MlpKind), ("norm", NormKind), ("positions", PositionKind)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"ModelConfig.{name} must be one of {allowed.__args__}, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
+        if self.sliding_window is not None:
+            if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise ValueError(f"ModelConfig.sliding_window must be None or a positive int, got {self.sliding_window!r}")
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("ModelConfig.sliding_window_layers needs sliding_window")
+            bad = [i for i in self.sliding_window_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
+            if bad:
+                raise ValueError(f"ModelConfig.sliding_window_layers must be layer indices in [0, n_layers), got {bad!r}")
         for name in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -82,6 +142,16 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_mlp_bias(self) -> bool:
+        return self.mlp == "gelu" if self.mlp_bias is None else self.mlp_bias
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full attention."""
+        if self.sliding_window is None or (self.sliding_window_layers is not None and layer not in self.sliding_window_layers):
+            return None
+        return self.sliding_window
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

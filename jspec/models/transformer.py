@@ -15,24 +15,46 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jspec.models.config import ModelConfig
+from jspec.models.config import ModelConfig, RopeScaling
 from jspec.models.kv_cache import KVCache, write_layer
 
 _NEG_INF = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies `[D/2]` (float32), computed as Hugging Face does, scaling included."""
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding, rotate-half convention (as Hugging Face Llama). x `[B, T, H, D]`, positions `[B, T]`."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping, `cap * tanh(x / cap)`; identity for cap None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def attention_mask(mask: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
@@ -48,6 +70,16 @@ def attention_mask(mask: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
     in_new = (offset >= 0) & (offset < t)
     new_visible = jnp.take_along_axis(mask, jnp.clip(offset, 0, t - 1)[:, None, :], axis=2)  # [B, T, S]
     return (offset < 0)[:, None, :] | (in_new[:, None, :] & new_visible)
+
+
+def sliding_window_mask(visible: jax.Array, positions: jax.Array, window: int) -> jax.Array:
+    """Restrict `visible [B, T, S]` to keys at positions > p - window for a query at position p.
+
+    A committed slot's position is its index. An uncommitted window slot (a drafted tree node)
+    has position <= its index, so this is exact whenever a tree is shallower than the window.
+    """
+    slots = jnp.arange(visible.shape[-1])[None, None, :]
+    return visible & (slots > positions[:, :, None] - window)
 
 
 def _norm(config: ModelConfig, features: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -78,7 +110,7 @@ class Attention(nnx.Module):
         self.q_proj = _linear(config, config.d_model, h * d, bias=config.qkv_bias, rngs=rngs)
         self.k_proj = _linear(config, config.d_model, hkv * d, bias=config.qkv_bias, rngs=rngs)
         self.v_proj = _linear(config, config.d_model, hkv * d, bias=config.qkv_bias, rngs=rngs)
-        self.o_proj = _linear(config, h * d, config.d_model, bias=False, rngs=rngs)
+        self.o_proj = _linear(config, h * d, config.d_model, bias=config.o_bias, rngs=rngs)
         if config.qk_norm:
             self.q_norm = _norm(config, d, rngs)
             self.k_norm = _norm(config, d, rngs)
@@ -101,8 +133,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.positions == "rope":
-            q = rope(q, positions, cfg.rope_theta)
-            k = rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling)  # a trace-time constant
+            q = rope(q, positions, inv_freq)
+            k = rope(k, positions, inv_freq)
         cache = KVCache(
             keys=write_layer(cache.keys, layer, k, start),
             values=write_layer(cache.values, layer, v, start),
@@ -111,7 +144,9 @@ class Attention(nnx.Module):
         keys, values = cache.keys[layer], cache.values[layer]  # [B, S, H_kv, D]
 
         q = q.reshape(b, t, hkv, h // hkv, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(d)
+        scale = cfg.attn_scale if cfg.attn_scale is not None else d**-0.5
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32) * scale
+        scores = softcap(scores, cfg.attn_softcap)
         scores = jnp.where(visible[:, None, None, :, :], scores, _NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values).reshape(b, t, h * d)
@@ -121,10 +156,11 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = config.mlp
+        self.gelu_approximate = config.gelu_approximate
         gated = config.mlp in ("swiglu", "geglu")
-        bias = config.mlp == "gelu"  # GPT-2 style MLPs carry biases
+        bias = config.resolved_mlp_bias
         if gated:
-            self.gate_proj = _linear(config, config.d_model, config.d_ff, bias=False, rngs=rngs)
+            self.gate_proj = _linear(config, config.d_model, config.d_ff, bias=bias, rngs=rngs)
         self.up_proj = _linear(config, config.d_model, config.d_ff, bias=bias, rngs=rngs)
         self.down_proj = _linear(config, config.d_ff, config.d_model, bias=bias, rngs=rngs)
 
@@ -132,24 +168,35 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.kind == "geglu":
-            return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
-        return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+            return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=self.gelu_approximate) * self.up_proj(x))
+        return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=self.gelu_approximate))
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `post_norms` (Gemma 2) each branch's output is normalised again before the residual add.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.attn_norm = _norm(config, config.d_model, rngs)
         self.attn = Attention(config, rngs=rngs)
         self.mlp_norm = _norm(config, config.d_model, rngs)
         self.mlp = Mlp(config, rngs=rngs)
+        self.post_norms = config.post_norms
+        if config.post_norms:
+            self.post_attn_norm = _norm(config, config.d_model, rngs)
+            self.post_mlp_norm = _norm(config, config.d_model, rngs)
 
     def __call__(self, x, positions, visible, cache: KVCache, layer: int, start) -> tuple[jax.Array, KVCache]:
         a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer, start)
+        if self.post_norms:
+            a = self.post_attn_norm(a)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, cache
+        m = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            m = self.post_mlp_norm(m)
+        return x + m, cache
 
 
 class TokenMap(nnx.Variable):
@@ -211,7 +258,9 @@ class Transformer(nnx.Module):
         visible = attention_mask(mask, cache.lengths, cache.size)
         start = cache.lengths + jnp.asarray(write_at, jnp.int32)
         for layer, block in enumerate(self.blocks):
-            x, cache = block(x, positions, visible, cache, layer, start)
+            window = cfg.layer_window(layer)
+            layer_visible = visible if window is None else sliding_window_mask(visible, positions, window)
+            x, cache = block(x, positions, layer_visible, cache, layer, start)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
@@ -219,7 +268,7 @@ class Transformer(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
+        logits = softcap(logits.astype(jnp.float32), cfg.final_softcap)
         if cfg.head_tokens is not None:  # scatter the K head logits back over the full vocabulary
             full = jnp.full(logits.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32)
             logits = full.at[..., self.head_token_ids[...]].set(logits)
