@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import demo, models, sampling, trees, verify
+from jspec import demo, models, sampling, sharding, trees, verify
 from jspec.chain import Chain
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.dynamic_tree import DynamicTree
@@ -30,6 +30,7 @@ __all__ = [
     "generate",
     "models",
     "sampling",
+    "sharding",
     "speculative_generate",
     "trees",
     "verify",

@@ -20,6 +20,7 @@ from jspec.chain import Chain, ChainCarry, chain_round
 from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
 from jspec.models.kv_cache import new_slots
 from jspec.sampling import Sampling, sample, warp
+from jspec.sharding import constrain_cache
 from jspec.tree_round import is_tree_strategy, tree_round
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
@@ -79,7 +80,9 @@ def prefill(model: Transformer, prompts: jax.Array, prompt_lengths: jax.Array, c
     """Run the prompts `[B, P]` through `model`. Returns the logits after each row's last prompt
     token `[B, V]` and a cache of `cache_size` slots holding the prompt (`lengths = prompt_lengths`)."""
     b, p = prompts.shape
-    cache = init_cache(model.config, b, cache_size)
+    # Under an ambient mesh (`jax.set_mesh`) pin the new cache to jspec.sharding's layout (batch
+    # over 'data', KV heads over 'model'); nothing else fixes it. Without a mesh this is a no-op.
+    cache = constrain_cache(init_cache(model.config, b, cache_size))
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
     logits, cache = model(prompts, positions, causal_mask(b, p), cache, logits_at=(prompt_lengths - 1)[:, None])
     return logits[:, 0], commit(cache, prompt_lengths)

@@ -25,8 +25,12 @@ def check_int(name: str, value, minimum: int) -> int:
 
 
 def _concrete(x) -> np.ndarray | None:
-    """The value of x if it is known now (not a tracer), else None."""
-    if isinstance(x, jax.core.Tracer):
+    """The value of x if it is known now (not a tracer) and readable here, else None.
+
+    An array spanning other hosts' devices (multi-host sharding) cannot be read by one process;
+    its values are checked by no one rather than gathered to every host.
+    """
+    if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return None
     return np.asarray(x)
 

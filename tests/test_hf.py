@@ -203,8 +203,9 @@ def test_sharded_bfloat16_checkpoint_loads_in_its_dtype(tmp_path):
     reference.save_pretrained(tmp_path, max_shard_size="100KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len({f for f in os.listdir(tmp_path) if f.endswith(".safetensors")}) > 1
-    model = from_hf(tmp_path)
+    model = from_hf(tmp_path, mesh=jspec.sharding.make_mesh(data=1, model=1))
     assert model.config.param_dtype == "bfloat16" and model.embed.embedding[...].dtype == jnp.bfloat16
+    assert isinstance(model.embed.embedding[...].sharding, jax.sharding.NamedSharding)  # laid out on the mesh
     as_float32 = from_hf(tmp_path, param_dtype="float32")
     # A fresh float32 load (reference.float() would keep RoPE's inverse frequencies rounded to bf16).
     reference = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")

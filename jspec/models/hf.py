@@ -9,8 +9,13 @@ soft-capping, sliding-window layers, query_pre_attn_scalar) and GPT-2 (learned p
 LayerNorm, GELU, fused Conv1D q/k/v). `to_hf(model, directory)` writes the Llama family (Llama,
 Qwen2, Qwen3) back in the same format, so jspec -> HF -> jspec is exact.
 
-Weights are read on the host CPU (never the accelerator's default device), so a model larger than
-one chip can be loaded and then laid out with `jspec.sharding`.
+Gemma's RMSNorm multiplies by (1 + w): jspec stores 1 + w as the norm scale, in the parameter
+dtype, so in bfloat16 that sum is rounded once at load where Hugging Face adds 1 in float32 at
+every call (last-bit differences; the parity tests run in float32).
+
+Weights are read into host memory first and then placed on the default device, or straight over a
+device mesh with `from_hf(directory, mesh=...)` (`jspec.sharding`), so a model larger than one chip
+loads.
 """
 
 from __future__ import annotations
@@ -388,10 +393,13 @@ def from_hf(
     *,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Transformer:
     """Load a Hugging Face checkpoint directory (config.json + safetensors) as a jspec Transformer.
 
     param_dtype / dtype: parameter and activation dtype names; default the checkpoint's dtype.
+    mesh: lay the parameters out over this ('data', 'model') mesh (`jspec.sharding.shard_model`);
+    without one they go to the default device (`jax.devices()[0]`, an accelerator if there is one).
     Raises ValueError for an unsupported family or option (see `FAMILIES`), a missing tensor, a
     tensor of the wrong shape, or a tensor the model would silently ignore.
     """
@@ -428,7 +436,13 @@ def from_hf(
     if missing:
         raise ValueError(f"no checkpoint tensor for jspec parameters {missing[:8]}")
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        from jspec.sharding import shard_model  # jspec.sharding imports jspec.models
+
+        return shard_model(model, mesh)
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))  # off the host, onto the accelerator
+    return model
 
 
 def to_hf(model: Transformer, directory: str | os.PathLike) -> None:
