@@ -62,15 +62,21 @@ def test_generate_loads_checkpoints(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("models: checkpoints")
 
 
-def test_generate_loads_hugging_face_checkpoints_and_their_tokenizer(tmp_path, capsys):
+def _tiny_hf_checkpoints(directory: Path) -> list[str]:
+    """A tiny random target and its truncated drafter as Hugging Face checkpoints, the target with
+    the demo tokenizer's tokenizer.json; returns the --target/--drafter flags."""
     config = jspec.models.ModelConfig(
         vocab_size=8192, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=256, tie_embeddings=False
     )
     target = random_target(Preset(config, drafter_layers=1), seed=0)
-    jspec.models.to_hf(target, tmp_path / "target")
-    jspec.models.to_hf(truncated_drafter(target, 1), tmp_path / "drafter")
-    jspec.demo.tokenizer().save(str(tmp_path / "target" / "tokenizer.json"))
-    result = generate.main([*SIZES, "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter")])
+    jspec.models.to_hf(target, directory / "target")
+    jspec.models.to_hf(truncated_drafter(target, 1), directory / "drafter")
+    jspec.demo.tokenizer().save(str(directory / "target" / "tokenizer.json"))
+    return ["--target", str(directory / "target"), "--drafter", str(directory / "drafter")]
+
+
+def test_generate_loads_hugging_face_checkpoints_and_their_tokenizer(tmp_path, capsys):
+    result = generate.main([*SIZES, *_tiny_hf_checkpoints(tmp_path)])
     assert result["identical"] is True
     out = capsys.readouterr().out
     assert "encoded with" in out and "----- row 0, prompt -----" in out  # demo code prompts, decoded output
@@ -105,6 +111,40 @@ def test_bench_writes_records(tmp_path, capsys):
     assert "3 batch(es) of 2" in ar["prompts"] and "the last 1 calibrate Sequoia only" in ar["prompts"]
     assert math.isfinite(chain["t_verify_ms"]) and math.isfinite(tree["t_draft_round_ms"])
     assert "| chain-sampling-k2 |" in capsys.readouterr().out
+
+
+def test_bench_reports_spec_bench_categories_acceptance_and_plots(tmp_path, capsys):
+    lines = [
+        {"question_id": 1, "category": "coding", "turns": ["def add(a, b):\n    return a + b\n\nprint(add("]},
+        {"question_id": 2, "category": "coding", "turns": ["import os\nfor name in os.listdir('.'):\n"]},
+        {"question_id": 3, "category": "coding", "turns": ["a third prompt, beyond --per-category"]},
+        {"question_id": 4, "category": "writing", "turns": ["Write a short poem about the sea.", "A second turn."]},
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    records = bench.main([
+        *SIZES, *_tiny_hf_checkpoints(tmp_path), "--json", str(tmp_path / "bench.json"), "--ks", "3",
+        "--verifiers", "sampling", "--temperatures", "0", "--node-budgets", "--prompts-jsonl", str(tmp_path / "q.jsonl"),
+        "--per-category", "2", "--plots", str(tmp_path / "plots"),
+    ])
+    assert [r["method"] for r in records] == ["ar", "chain-sampling-k3"]
+    ar, chain = records
+    assert {c: v["rows"] for c, v in chain["by_category"].items()} == {"coding": 2, "writing": 1}
+    assert ar["by_category"]["writing"]["speedup_vs_ar"] == 1.0 and ar["acceptance_by_position"] == []
+    a = chain["acceptance_by_position"]
+    assert 1 <= len(a) <= 3 and all(0 < x <= 1 for x in a) and a == sorted(a, reverse=True)
+    # tau = 1 + the summed acceptance (every round emits one token past its accepted drafts)
+    assert chain["tau"] == pytest.approx(1 + sum(a))
+    for name in ("speedup.png", "acceptance.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "speedup over AR by prompt category" in out and "| chain-sampling-k3 | 0 |" in out
+
+
+def test_rounds_at_least_counts_acceptance_by_position():
+    emitted = [[1, 3, 2, 0], [4, 1, 0, 0]]  # 0: rounds after the row finished
+    assert bench.rounds_at_least(emitted) == (5, 3, 2, 1)
+    measured = bench.Measured(1.0, 10, 11, 5, 2, bench.rounds_at_least(emitted))
+    assert measured.acceptance_by_position() == [3 / 5, 2 / 5, 1 / 5]
 
 
 @pytest.mark.parametrize("budget", [3, 5, 9, 17])
