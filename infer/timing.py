@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jspec.analysis import speedup_from_costs
 from jspec.chain import Chain, draft_chain
 from jspec.decode import prefill
 from jspec.models import KVCache, Transformer, causal_mask, truncate
@@ -126,5 +127,6 @@ def theoretical_round_speedup(tau: float, t_target_1: float, t_verify: float, t_
     """Speedup over autoregressive decoding predicted from measured costs, for any strategy: a round
     emits tau tokens for its drafting (t_draft_round) and one target pass over the N tokens it
     scores (t_verify = t_target(N)); AR pays t_target(1) per token. Overheads (verification,
-    sampling, the loop) are left out, so achieved/theoretical < 1 measures them."""
-    return tau * t_target_1 / (t_draft_round + t_verify)
+    sampling, the loop) are left out, so achieved/theoretical < 1 measures them.
+    `jspec.analysis.speedup_from_costs` is the formula."""
+    return speedup_from_costs(tau, t_draft_round, t_verify, t_target_1)

@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import demo, models, sampling, sharding, trees, verify
+from jspec import analysis, demo, models, sampling, sharding, trees, verify
 from jspec.chain import Chain
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.dynamic_tree import DynamicTree
@@ -13,6 +13,7 @@ from jspec.sequoia import SequoiaTree
 from jspec.static_tree import StaticTree
 
 __all__ = [
+    "analysis",
     "PAD_ID",
     "RSD",
     "Chain",

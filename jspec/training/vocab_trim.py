@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jspec.analysis import mbsu
 from jspec.decode import generate
 from jspec.models import Transformer
 from jspec.sampling import Sampling
@@ -72,5 +73,5 @@ def weights_read_per_token(model: Transformer) -> int:
 
 
 def memory_bound_speedup(tau: float, k: int, drafter: Transformer, target: Transformer) -> float:
-    """MBSU = tau / (1 + k * N_draft / N_target), N = `weights_read_per_token`."""
-    return tau / (1 + k * weights_read_per_token(drafter) / weights_read_per_token(target))
+    """MBSU = tau / (1 + k * N_draft / N_target), N = `weights_read_per_token` (`jspec.analysis.mbsu`)."""
+    return mbsu(tau, k, weights_read_per_token(drafter), weights_read_per_token(target))

@@ -1,0 +1,210 @@
+"""Closed-form analysis of speculative decoding: expected tokens per round, speedup models, the
+best draft length, the memory-bound speedup, and (re-exported) the Sequoia tree objective.
+
+Everything here is plain Python / numpy on scalars and small vectors; every argument is checked
+and a bad one raises a `ValueError` naming it and its value. Notation as in methods.md: alpha is
+the per-token acceptance rate (for context-free p, q: alpha = sum_x min(p(x), q(x)) = 1 - TV(p, q)),
+k the number of drafted tokens per round, tau the expected tokens emitted per round (accepted
+drafts plus the one correction or bonus token, so 1 <= tau <= k + 1).
+
+    expected_tau(alpha, k)                 tau of a chain, i.i.d. acceptance
+    expected_tau_from_acceptance(a)        tau of a chain, position-dependent acceptance a [k]
+    speedup(alpha, k, cost_ratio)          Leviathan et al.'s walltime improvement
+    speedup_from_costs(tau, ...)           the same from measured per-pass costs, any strategy
+    best_k(alpha, cost_ratio, k_max)       the k maximising `speedup`
+    mbsu(tau, k, draft_w, target_w)        the memory-bound speedup (VocabTrim)
+    tree_value(acceptance, parents)        Sequoia's F(T): tau of a token tree (jspec.sequoia)
+    best_tree_value(acceptance, size, d)   the largest F over trees of <= size nodes, depth <= d
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from jspec import sequoia as _sequoia
+
+__all__ = [
+    "best_k",
+    "best_tree_value",
+    "expected_tau",
+    "expected_tau_from_acceptance",
+    "mbsu",
+    "speedup",
+    "speedup_from_costs",
+    "tree_value",
+]
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _real(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
+    """`value` as a float if it is a finite real scalar (not a bool) in [low, high] ((low, high] with
+    low_open); else a ValueError naming `name`."""
+    ok = not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0
+    if ok:
+        try:
+            ok = np.isrealobj(value) and isinstance(np.asarray(value).item(), numbers.Real)
+            x = float(value) if ok else math.nan
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not math.isfinite(x) or x < low or x > high or (low_open and x == low):
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite real number in {bound}, got {value!r}")
+    return x
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _probabilities(name: str, values) -> np.ndarray:
+    """float64 `[k]`, k >= 1, every entry a probability."""
+    if isinstance(values, (str, bytes)) or np.ndim(values) != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of probabilities, got {values!r}")
+    return np.asarray([_real(f"{name}[{i}]", x, low=0.0, high=1.0) for i, x in enumerate(values)] or _empty(name))
+
+
+def _empty(name: str):
+    raise ValueError(f"{name} must not be empty")
+
+
+def _positional(acceptance) -> np.ndarray:
+    """Sequoia's positional acceptance vector, checked as jspec.sequoia checks it, and also that it
+    sums to at most 1: a_i is the probability that the i-th child tried is THE accepted child, and
+    those events are disjoint (jspec.sequoia.measure_acceptance gives such a vector)."""
+    a = _probabilities("acceptance", acceptance)
+    if a.sum() > 1 + 1e-9:
+        raise ValueError(
+            f"acceptance must sum to at most 1 (a_i = P(the i-th child tried is the accepted one)), "
+            f"got {acceptance!r} with sum {a.sum():.6g}"
+        )
+    return a
+
+
+# --- chains -----------------------------------------------------------------------------------
+
+
+def expected_tau(alpha: float, k: int) -> float:
+    """Expected tokens per target pass of a chain of k drafts whose acceptances are i.i.d. with rate
+    alpha (Leviathan et al. 2023, eq. 1):
+
+        tau = sum_{i=0}^{k} alpha^i = (1 - alpha^(k+1)) / (1 - alpha),   k + 1 at alpha = 1.
+
+    alpha: float in [0, 1]; k: int >= 1. Computed as -expm1((k+1) log alpha) / (1 - alpha), which
+    stays accurate as alpha -> 1 (1 - alpha is exact there).
+    """
+    alpha = _real("alpha", alpha, low=0.0, high=1.0)
+    k = _int("k", k, 1)
+    if alpha == 1.0:
+        return float(k + 1)
+    if alpha == 0.0:
+        return 1.0
+    return -math.expm1((k + 1) * math.log(alpha)) / (1.0 - alpha)
+
+
+def expected_tau_from_acceptance(accept_probs) -> float:
+    """Expected tokens per round of a chain with position-dependent acceptance.
+
+    accept_probs: `[k]`, k >= 1, entry i = P(draft i accepted | drafts < i accepted). Draft i is
+    accepted (and so emitted) with probability prod_{j <= i} a_j, and one more token always is:
+
+        tau = 1 + sum_{i=1}^{k} prod_{j=1}^{i} a_j.
+
+    With every a_j = alpha this is `expected_tau(alpha, k)`.
+    """
+    a = _probabilities("accept_probs", accept_probs)
+    return float(1.0 + np.cumprod(a).sum())
+
+
+def speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Leviathan et al.'s expected walltime improvement of a chain of k drafts (Theorem 3.8):
+
+        speedup = tau / (k * c + 1),   tau = expected_tau(alpha, k),   c = t_draft / t_target,
+
+    a round costing k drafter steps and one target pass (taken to cost the same as a 1-token pass).
+    alpha in [0, 1]; k >= 1; cost_ratio c >= 0. `speedup_from_costs` is the honest version with
+    the measured cost of the (k + 1)-token target pass.
+    """
+    tau = expected_tau(alpha, k)
+    c = _real("cost_ratio", cost_ratio, low=0.0)
+    return tau / (k * c + 1.0)
+
+
+def speedup_from_costs(tau: float, t_draft_round: float, t_target_n: float, t_target_1: float) -> float:
+    """Speedup over autoregressive decoding from measured costs, for any strategy (chain or tree):
+
+        speedup = tau * t_target_1 / (t_draft_round + t_target_n).
+
+    A round emits tau tokens (expected) for its drafting (t_draft_round seconds) and one target pass
+    over the n tokens it scores (t_target_n = t_target(n)); autoregressive decoding pays t_target_1
+    per token. tau >= 0; t_draft_round >= 0; t_target_n, t_target_1 > 0 (seconds, or any common
+    unit). `speedup(alpha, k, c)` is the case tau = expected_tau(alpha, k), t_draft_round = k c,
+    t_target_n = t_target_1 = 1. Overheads (verification, sampling, the loop) are left out.
+    """
+    tau = _real("tau", tau, low=0.0)
+    t_draft_round = _real("t_draft_round", t_draft_round, low=0.0)
+    t_target_n = _real("t_target_n", t_target_n, low=0.0, low_open=True)
+    t_target_1 = _real("t_target_1", t_target_1, low=0.0, low_open=True)
+    return tau * t_target_1 / (t_draft_round + t_target_n)
+
+
+def best_k(alpha: float, cost_ratio: float, k_max: int = 64) -> int:
+    """The draft length k in 1..k_max maximising `speedup(alpha, k, cost_ratio)`; ties go to the
+    smaller k (e.g. every k ties at alpha = 1, c = 1, and k = 1 is returned). k_max: int >= 1."""
+    alpha = _real("alpha", alpha, low=0.0, high=1.0)
+    cost_ratio = _real("cost_ratio", cost_ratio, low=0.0)
+    k_max = _int("k_max", k_max, 1)
+    values = [speedup(alpha, k, cost_ratio) for k in range(1, k_max + 1)]
+    return int(np.argmax(values)) + 1  # argmax returns the first maximum
+
+
+def mbsu(tau: float, k: int, draft_weights: float, target_weights: float) -> float:
+    """Memory-bound speedup (VocabTrim, arXiv 2506.22694):
+
+        MBSU = tau / (1 + k * N_draft / N_target),
+
+    decoding taken to be bound by weight reads: a round reads the drafter's N_draft weights k times
+    and the target's N_target once, and emits tau tokens; autoregressive decoding reads N_target per
+    token. tau >= 0; k >= 1; draft_weights >= 0; target_weights > 0 (parameter counts, or bytes,
+    in the same unit).
+    """
+    tau = _real("tau", tau, low=0.0)
+    k = _int("k", k, 1)
+    n_draft = _real("draft_weights", draft_weights, low=0.0)
+    n_target = _real("target_weights", target_weights, low=0.0, low_open=True)
+    return tau / (1.0 + k * n_draft / n_target)
+
+
+# --- trees (Sequoia): thin wrappers, the DP lives in jspec.sequoia ------------------------------
+
+
+def tree_value(acceptance, parents) -> float:
+    """Sequoia's objective F(T): the expected tokens per round of the token tree `parents` under a
+    positional acceptance vector (`jspec.sequoia.tree_value`).
+
+    acceptance: `[K]`, non-increasing, each in [0, 1], summing to at most 1: a_r = P(the rank-r
+    child (1-based, in the order children are tried) is the accepted one | its parent accepted);
+    ranks past K are never accepted. parents: int `[n]`, breadth-first (`FixedShape.from_parents`:
+    parents[0] = -1, levels and siblings contiguous, siblings in rank order). Then
+
+        F(T) = sum over nodes v of prod_{u on the root path of v, u != root} a_rank(u),
+
+    the root counting 1: each product is P(v accepted), and the accepted nodes (root included) are
+    the tokens a round emits. A chain of k drafts with acceptance (alpha,) has F = expected_tau(alpha, k).
+    """
+    return _sequoia.tree_value(_positional(acceptance), parents)
+
+
+def best_tree_value(acceptance, size: int, max_depth: int) -> float:
+    """The largest `tree_value` over trees of at most `size` nodes (root included, size >= 1) and
+    depth <= max_depth (>= 0): entry [size, max_depth] of `jspec.sequoia.sequoia_values`; the tree
+    itself is `jspec.sequoia.sequoia_tree(acceptance, size, max_depth)`."""
+    a = _positional(acceptance)
+    size, max_depth = _int("size", size, 1), _int("max_depth", max_depth, 0)
+    return float(_sequoia.sequoia_values(a, size, max_depth)[size, max_depth])
