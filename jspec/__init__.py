@@ -13,7 +13,6 @@ from jspec.sequoia import SequoiaTree
 from jspec.static_tree import StaticTree
 
 __all__ = [
-    "analysis",
     "PAD_ID",
     "RSD",
     "Chain",
@@ -27,6 +26,7 @@ __all__ = [
     "SequoiaTree",
     "StaticTree",
     "Stats",
+    "analysis",
     "demo",
     "generate",
     "models",

@@ -67,11 +67,9 @@ def _probabilities(name: str, values) -> np.ndarray:
     """float64 `[k]`, k >= 1, every entry a probability."""
     if isinstance(values, (str, bytes)) or np.ndim(values) != 1:
         raise ValueError(f"{name} must be a 1-D sequence of probabilities, got {values!r}")
-    return np.asarray([_real(f"{name}[{i}]", x, low=0.0, high=1.0) for i, x in enumerate(values)] or _empty(name))
-
-
-def _empty(name: str):
-    raise ValueError(f"{name} must not be empty")
+    if len(values) == 0:
+        raise ValueError(f"{name} must not be empty, got {values!r}")
+    return np.asarray([_real(f"{name}[{i}]", x, low=0.0, high=1.0) for i, x in enumerate(values)], np.float64)
 
 
 def _positional(acceptance) -> np.ndarray:
