@@ -15,13 +15,17 @@ achieved / theoretical, which shows how much verification and the loop's bookkee
 Writes a JSON list of records and prints a markdown table; `--plots DIR` also draws the speedup
 against k / node budget and the acceptance by draft position (PNG).
 
-Prompts: the held-out stdlib code snippets (category "code"), or `--prompts-jsonl FILE` in
-Spec-Bench's format (one JSON object per line with "category" and "turns"; the first turn is the
-prompt), `--per-category` of each category, encoded with the models' tokenizer (the demo models',
-or a Hugging Face target's tokenizer.json), keeping the last --prompt-len tokens (shorter prompts
-are right-padded and decoded with their own lengths). Each record also holds, per category, tau,
-tokens/s and speedup over AR, and the acceptance by draft position: the fraction of rounds that
-accepted at least i drafted tokens, i = 1, 2, ...
+Prompts. With a chat target (the default, SmolLM2-135M-Instruct, or a GGUF file): Spec-Bench's
+questions (`--prompts-jsonl`, default `$JSPEC_SPEC_BENCH` or the project's
+shared/data/spec_bench/question.jsonl), the first turn of the first `--per-category` (default 3)
+questions of every category rendered with the chat template at their own lengths; answers stop at
+the model's end-of-turn token or --max-new-tokens; Sequoia is calibrated on held-out generated
+instructions (`jspec.training.chat_prompts`), never on the benchmark. With the code models: the
+held-out stdlib code snippets (category "code"), or a Spec-Bench-style JSONL encoded with the
+models' tokenizer keeping the last --prompt-len tokens (shorter prompts are right-padded and
+decoded with their own lengths). Each record also holds, per category, tau, tokens/s and speedup
+over AR, and the acceptance by draft position: the fraction of rounds that accepted at least i
+drafted tokens, i = 1, 2, ...
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ from tqdm import tqdm
 
 import jspec
 from infer.methods import TREE_METHODS, Method, chain_method, tree_method, tree_width
-from infer.models import add_model_arguments, models_from_args, prompt_batches, text_tokenizer
+from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompt_batches, text_tokenizer
 from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup, time_calls
 
+from jspec.decode import bucket_size
 from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
 
@@ -88,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-jsonl", metavar="FILE",
         help="prompts from a Spec-Bench-style JSONL (category, turns) instead of the held-out code snippets",
     )
-    parser.add_argument("--per-category", type=int, default=2, help="with --prompts-jsonl: prompts per category (default: 2)")
+    parser.add_argument(
+        "--per-category", type=int, default=None,
+        help="prompts per category of the JSONL (default: 3 with a chat target, else 2)",
+    )
     parser.add_argument("--plots", metavar="DIR", help="also write speedup.png and acceptance.png here")
     return parser
 
@@ -313,15 +321,23 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
     return paths
 
 
-def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[list[Batch], str]:
-    """--per-category prompts of each category of a Spec-Bench JSONL, batched within categories."""
-    tokenizer = text_tokenizer(args)
-    if tokenizer is None:
-        parser.error("--prompts-jsonl needs a tokenizer: the demo models, or a Hugging Face --target with tokenizer.json")
-    if args.per_category < 1:
-        parser.error(f"--per-category must be >= 1, got {args.per_category}")
+def default_spec_bench() -> str | None:
+    """Spec-Bench's question.jsonl: `$JSPEC_SPEC_BENCH`, else shared/data/spec_bench beside this
+    repository (where the project keeps it), else None."""
+    env = os.environ.get("JSPEC_SPEC_BENCH")
+    if env:
+        return env
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(os.path.dirname(here), "shared", "data", "spec_bench", "question.jsonl")
+    return path if os.path.exists(path) else None
+
+
+def read_jsonl_prompts(parser: argparse.ArgumentParser, path: str, per_category: int) -> dict[str, list[str]]:
+    """The first turn of the first `per_category` questions of each category of a Spec-Bench JSONL."""
+    if per_category < 1:
+        parser.error(f"--per-category must be >= 1, got {per_category}")
     by_category: dict[str, list[str]] = {}
-    with open(args.prompts_jsonl) as f:
+    with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -331,24 +347,72 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
             except (ValueError, KeyError, IndexError, TypeError) as error:
                 parser.error(f"--prompts-jsonl line {number}: needs 'category' and a non-empty 'turns' list ({error})")
             by_category.setdefault(category, [])
-            if len(by_category[category]) < args.per_category:
+            if len(by_category[category]) < per_category:
                 by_category[category].append(text)
+    return by_category
+
+
+def _padded(rows: list[list[int]], category: str, vocab_size: int, parser) -> Batch:
+    prompts = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
+    for i, ids in enumerate(rows):
+        prompts[i, : len(ids)] = ids
+    if prompts.max() >= vocab_size:
+        parser.error(f"the tokenizer produced ids >= the target's vocabulary ({vocab_size})")
+    lengths = np.array([len(ids) for ids in rows], np.int32)
+    return Batch(jax.numpy.asarray(prompts), jax.numpy.asarray(lengths), category)
+
+
+def chat_batches(tokenizer, by_category: dict[str, list[str]], batch_size: int, vocab_size: int, parser) -> list[Batch]:
+    """Each text as a user message in the chat template, at its own length, batched within categories."""
+    batches = []
+    for category, texts in by_category.items():
+        rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        for start in range(0, len(rows), batch_size):
+            batches.append(_padded(rows[start : start + batch_size], category, vocab_size, parser))
+    return batches
+
+
+def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[list[Batch], str]:
+    """--per-category prompts of each category of a Spec-Bench JSONL, batched within categories:
+    chat-templated at their own lengths for a chat target, else the last --prompt-len tokens."""
+    chat = chat_tokenizer(args)
+    if chat is not None:
+        by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
+        batches = chat_batches(chat, by_category, args.batch_size, vocab_size, parser)
+        n = sum(len(t) for t in by_category.values())
+        widths = [int(w) for b in batches for w in np.asarray(b.lengths)]
+        return batches, (
+            f"prompts: {n} from {args.prompts_jsonl} ({len(by_category)} categories x up to {args.per_category}; "
+            f"first turn in the chat template, at their own lengths {min(widths)}..{max(widths)} tokens), "
+            f"batches of up to {args.batch_size}"
+        )
+    tokenizer = text_tokenizer(args)
+    if tokenizer is None:
+        parser.error("--prompts-jsonl needs a tokenizer: a chat target, the code models, or a Hugging Face --target with tokenizer.json")
+    by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
     batches = []
     for category, texts in by_category.items():
         for start in range(0, len(texts), args.batch_size):
             rows = [e.ids[-args.prompt_len :] or [0] for e in tokenizer.encode_batch(texts[start : start + args.batch_size])]
-            prompts = np.zeros((len(rows), args.prompt_len), np.int32)
-            for i, ids in enumerate(rows):
-                prompts[i, : len(ids)] = ids
-            lengths = np.array([len(ids) for ids in rows], np.int32)
-            if prompts.max() >= vocab_size:
-                parser.error(f"--prompts-jsonl: the tokenizer produced ids >= the target's vocabulary ({vocab_size})")
-            batches.append(Batch(jax.numpy.asarray(prompts), jax.numpy.asarray(lengths), category))
+            batch = _padded(rows, category, vocab_size, parser)
+            if batch.prompts.shape[1] < args.prompt_len:  # the code models' fixed width
+                pad = args.prompt_len - batch.prompts.shape[1]
+                batch = dataclasses.replace(batch, prompts=jax.numpy.pad(batch.prompts, ((0, 0), (0, pad))))
+            batches.append(batch)
     n = sum(len(t) for t in by_category.values())
     return batches, (
         f"prompts: {n} from {args.prompts_jsonl} ({len(by_category)} categories x up to {args.per_category}; "
         f"first turn, last {args.prompt_len} tokens, right-padded), batches of up to {args.batch_size}"
     )
+
+
+def chat_calibration(args: argparse.Namespace, n_batches: int, vocab_size: int, parser) -> list[jax.Array]:
+    """Sequoia's calibration prompts for a chat target: held-out generated instructions, never the benchmark's."""
+    from jspec.training.chat_prompts import chat_instructions
+
+    texts = [i["text"] for i in chat_instructions("held_out", n_batches * args.batch_size, seed=args.seed + 1)]
+    batches = chat_batches(chat_tokenizer(args), {"calibration": texts}, args.batch_size, vocab_size, parser)
+    return [b.prompts for b in batches]
 
 
 def sequoia_acceptance(target, drafter, batches, sampling, seed, max_new_tokens) -> Callable[[int], tuple[float, ...]]:
@@ -384,10 +448,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except ValueError as error:
             parser.error(f"--node-budgets: {error}")
     n_calibration = args.calibration_batches if "sequoia" in args.trees and args.node_budgets else 0
+    chat = chat_tokenizer(args)
+    if args.per_category is None:
+        args.per_category = 3 if chat is not None else 2
+    if chat is not None and args.prompts_jsonl is None:
+        args.prompts_jsonl = default_spec_bench()
+        if args.prompts_jsonl is None:
+            parser.error("a chat target needs --prompts-jsonl (Spec-Bench's question.jsonl; or set $JSPEC_SPEC_BENCH)")
     if args.prompts_jsonl:
         batches, prompts_description = jsonl_batches(parser, args, target.config.vocab_size)
-        calibration = prompt_batches(parser, args, target.config.vocab_size, n_calibration)[0] if n_calibration else []
-        calibration_note = f" (Sequoia calibrated on {n_calibration} batch(es) of held-out code)"
+        if chat is not None:
+            calibration = chat_calibration(args, n_calibration, target.config.vocab_size, parser) if n_calibration else []
+            calibration_note = f" (Sequoia calibrated on {n_calibration} batch(es) of held-out generated instructions)"
+        else:
+            calibration = prompt_batches(parser, args, target.config.vocab_size, n_calibration)[0] if n_calibration else []
+            calibration_note = f" (Sequoia calibrated on {n_calibration} batch(es) of held-out code)"
     else:
         all_batches, prompts_description = prompt_batches(
             parser, args, target.config.vocab_size, args.prompt_batches + n_calibration
@@ -395,12 +470,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         code, calibration = all_batches[: args.prompt_batches], all_batches[args.prompt_batches :]
         batches = [Batch(p, jax.numpy.full((p.shape[0],), p.shape[1], jax.numpy.int32), "code") for p in code]
         calibration_note = f" (the last {n_calibration} calibrate Sequoia only)"
+    eos_id = None if chat is None else chat.eos_id
     rng = jax.random.key(args.seed)
     context = {
         "batch_size": args.batch_size,
         "prompt_batches": args.prompt_batches,
-        "prompt_len": args.prompt_len,
+        "prompt_len": args.prompt_len if chat is None else None,
         "max_new_tokens": args.max_new_tokens,
+        "dtype": target.config.param_dtype,
+        "eos_id": eos_id,
         "repeats": args.repeats,
         "models": description,
         "prompts": prompts_description + (calibration_note if n_calibration else ""),
@@ -413,9 +491,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     chains = [chain_method(k, v) for v in args.verifiers for k in args.ks]
     chains += [chain_method(n - 1, "sampling") for n in args.node_budgets if n - 1 not in args.ks or "sampling" not in args.verifiers]
     sizes = [m.nodes for m in chains] + list(args.node_budgets)
-    # The decode loop's cache size for the largest round, so attention spans as many slots as in decoding.
-    cache_size = args.prompt_len + args.max_new_tokens + max(sizes) + 2
-    costs = forward_costs(target, drafter, batches[0].prompts, sizes, cache_size)
+    # Costs are measured after the median prompt, with the decode loop's cache size for the largest
+    # round (bucketed as decoding buckets it), so attention spans as many slots as in decoding.
+    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + max(sizes) + 1
+    costs = forward_costs(target, drafter, typical, sizes, cache_size)
     print("costs (median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items()))
 
     records = []
@@ -427,7 +507,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     progress = tqdm(total=n_runs, desc="infer.bench", unit="method")
     for temperature, methods in zip(args.temperatures, plan):
         sampling = jspec.Sampling(temperature=temperature)
-        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng)
+        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng, eos_id=eos_id)
         ar_by_category = measure_by_category(
             lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
         )
@@ -445,7 +525,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ),
                 batches, args.repeats,
             )
-            t_draft_round = draft_round_seconds(method.strategy, drafter, batches[0].prompts, cache_size, sampling)
+            t_draft_round = draft_round_seconds(method.strategy, drafter, typical, cache_size, sampling)
             record = make_record(method, temperature, total(by_category), ar["tokens_per_s"], costs, t_draft_round, context)
             record["by_category"] = category_records(by_category, ar_by_category, False)
             records.append(record)

@@ -1,32 +1,43 @@
-"""Generate with autoregressive and speculative decoding on the same prompts and compare them.
+"""Answer a prompt with autoregressive and speculative decoding on the same models and compare them.
 
-    python -m infer.generate [--k 4] [--verifier sampling] [--temperature 0] ...
-    python -m infer.generate --tree eagle --nodes 9        # a token-tree strategy instead of a chain
+    python -m infer.generate                                  # SmolLM2-135M-Instruct and its drafter
+    python -m infer.generate --prompt "Explain recursion." --k 6 --temperature 1
+    python -m infer.generate --interactive                    # a chat that streams each answer
+    python -m infer.generate --tree eagle --nodes 9           # a token-tree strategy instead of a chain
+    python -m infer.generate --target target --batch-size 2   # the small code models, code prompts
 
-Prints row 0 of both outputs, whether they are identical (they must be at temperature 0), tau
-and the tokens/s of each method, timed in this process with the compile excluded.
+Prints both outputs, whether they are identical (they must be at temperature 0), tau (tokens per
+target pass) and the tokens/s of each method, timed in this process with the compile excluded.
+With --interactive it keeps a conversation: every answer is decoded speculatively and printed as
+its tokens are accepted, followed by that turn's tau and tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
 
 import jax
 import numpy as np
 
 import jspec
 from infer.methods import TREE_METHODS, tree_method
-from infer.models import add_model_arguments, models_from_args, prompts_from_args, text_tokenizer
+from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompts_from_args, text_tokenizer
 from infer.timing import time_calls
 from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
+
+DEFAULT_PROMPT = "Explain what a Python dictionary is and show a short example of how to use one."
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--k", type=int, default=4, help="draft tokens per round (default: 4)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message, chat targets (default: a question about dicts)")
+    parser.add_argument("--interactive", action="store_true", help="chat in a loop, streaming each speculative answer")
+    parser.add_argument("--k", type=int, default=5, help="draft tokens per round (default: 5)")
     parser.add_argument("--verifier", choices=sorted(CHAIN_VERIFIERS), default="sampling", help="chain verifier (default: sampling)")
     parser.add_argument(
         "--tree", choices=TREE_METHODS, default=None,
@@ -45,6 +56,79 @@ def _valid_tokens(output: jspec.Output, row: int) -> list[int]:
     return np.asarray(output.tokens[row, : int(output.lengths[row])]).tolist()
 
 
+def _strategy(parser, args, target, drafter, prompts, sampling, rng):
+    if args.tree is None:
+        return jspec.Chain(k=args.k, verifier=args.verifier)
+    # Sequoia's acceptance vector is measured on these prompts (infer.bench uses separate ones).
+    acceptance = lambda width: tuple(  # noqa: E731
+        float(x) for x in measure_acceptance(target, drafter, prompts, width=width, sampling=sampling, rng=rng)
+    )
+    try:
+        return tree_method(args.tree, args.nodes, acceptance).strategy
+    except ValueError as error:
+        parser.error(f"--nodes: {error}")
+
+
+class StreamPrinter:
+    """A `stream` callback for row 0: prints each round's kept tokens as text as they arrive.
+
+    The same object serves every turn, so the compiled program is reused (it is a static argument).
+    Text is printed by the difference of the decoded answer so far, so multi-byte characters split
+    across tokens appear whole.
+    """
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, tokens, counts) -> None:
+        self.ids += np.asarray(tokens[0, : int(counts[0])]).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+
+def interactive(target, drafter, tokenizer, strategy, sampling, args) -> None:
+    """A chat loop: each answer is decoded speculatively and streamed; tau per turn."""
+    printer = StreamPrinter(tokenizer)
+    messages: list[dict] = []
+    rng = jax.random.key(args.seed)
+    print(f"chatting with speculative decoding ({strategy}, {sampling}); an empty line or Ctrl-D ends")
+    for turn in range(10**9):
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        ids = np.asarray([tokenizer.apply_chat_template(messages)], np.int32)
+        budget = target.config.max_seq_len - ids.shape[1]
+        if budget < 1:
+            print("(the conversation is longer than the model's context; start a new one)")
+            break
+        printer.reset()
+        print("assistant> ", end="", flush=True)
+        start = time.perf_counter()
+        out = jspec.speculative_generate(
+            target, drafter, ids, max_new_tokens=min(args.max_new_tokens, budget), strategy=strategy, sampling=sampling,
+            rng=jax.random.fold_in(rng, turn), eos_id=tokenizer.eos_id, stream=printer,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        answer = _valid_tokens(out, 0)
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
+        print(
+            f"\n[tau {float(out.stats.mean_accepted):.2f} tokens per target pass, {len(answer)} tokens in "
+            f"{seconds:.2f} s{' (incl. compile)' if turn == 0 else ''}]"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison and print it. Returns the numbers printed, for tests: `identical` (bool,
     None when sampling), `tau`, `ar_tokens_per_s`, `spec_tokens_per_s`, `speedup`."""
@@ -52,20 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
     sampling = jspec.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
     rng = jax.random.key(args.seed)
-    if args.tree is None:
-        strategy = jspec.Chain(k=args.k, verifier=args.verifier)
+    chat = chat_tokenizer(args)
+    if args.interactive and chat is None:
+        parser.error("--interactive needs a chat target (smollm2-135m or a GGUF file)")
+    lengths, eos_id = None, None
+    if chat is not None:
+        ids = chat.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompts = np.asarray([ids] * args.batch_size, np.int32)
+        prompts_description = f"prompt: {args.prompt!r} in the chat template ({len(ids)} tokens) x {args.batch_size}"
+        eos_id = chat.eos_id
     else:
-        # Sequoia's acceptance vector is measured on these prompts (infer.bench uses separate ones).
-        acceptance = lambda width: tuple(
-            float(x) for x in measure_acceptance(target, drafter, prompts, width=width, sampling=sampling, rng=rng)
-        )
-        try:
-            strategy = tree_method(args.tree, args.nodes, acceptance).strategy
-        except ValueError as error:
-            parser.error(f"--nodes: {error}")
-    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng)
+        prompts, prompts_description = prompts_from_args(parser, args, target.config.vocab_size)
+    strategy = _strategy(parser, args, target, drafter, prompts, sampling, rng)
+    print(description)
+    if args.interactive:
+        interactive(target, drafter, chat, strategy, sampling, args)
+        return {}
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng, prompt_lengths=lengths, eos_id=eos_id)
 
     # The median of --repeats timed calls each, after an untimed one that compiles it.
     ar_times, ar = time_calls(lambda: jspec.generate(target, prompts, **common), args.repeats)
@@ -79,12 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
     tau = float(spec.stats.mean_accepted)
     identical = None
     if sampling.greedy:
-        identical = all(_valid_tokens(ar, b) == _valid_tokens(spec, b) for b in range(args.batch_size))
+        identical = all(_valid_tokens(ar, b) == _valid_tokens(spec, b) for b in range(prompts.shape[0]))
 
-    print(description)
     print(f"{prompts_description}; max_new_tokens {args.max_new_tokens}; {sampling}; strategy {strategy}")
-    tokenizer = text_tokenizer(args)
-    if tokenizer is not None:
+    if chat is not None:
+        print(f"----- user -----\n{args.prompt}")
+        for title, output in (("autoregressive", ar), ("speculative", spec)):
+            print(f"----- assistant ({title}) -----\n{chat.decode(_valid_tokens(output, 0), skip_special_tokens=True)}")
+        print("-----")
+    elif (tokenizer := text_tokenizer(args)) is not None:
         for title, tokens in (("prompt", np.asarray(prompts[0]).tolist()), ("AR", _valid_tokens(ar, 0)), ("speculative", _valid_tokens(spec, 0))):
             print(f"----- row 0, {title} -----\n{tokenizer.decode(tokens)}")
         print("-----")
@@ -94,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if identical is None:
         print("identical: not expected (sampling; the outputs agree in distribution, not token for token)")
     else:
-        print(f"greedy outputs identical (all {args.batch_size} rows): {identical}")
+        print(f"greedy outputs identical (all {prompts.shape[0]} rows): {identical}")
     print(
         f"tau (tokens per target pass): {tau:.2f}; target passes per row: speculative "
         f"{float(np.mean(spec.stats.target_passes)):.1f}, AR {float(np.mean(ar.stats.target_passes)):.1f}"

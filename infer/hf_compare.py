@@ -20,7 +20,6 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -40,17 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round, both libraries (default: 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per prompt after a warm-up (default: 3)")
     return parser
-
-
-def _median_seconds(fn, repeats: int):
-    """(median seconds of `repeats` calls after one untimed call, the last result) for a torch call."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def hf_models(target, drafter, directory: str):
@@ -97,13 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
         for row in prompts:
             ids = torch.tensor(row[None].astype(np.int64))
             mask = torch.ones_like(ids)
-            t, hf_ar = _median_seconds(lambda: hf_target.generate(ids, attention_mask=mask, generation_config=plain), args.repeats)
-            seconds["hf_greedy"] += t
-            t, hf_as = _median_seconds(
+            # time_calls' block_until_ready passes torch tensors through: torch runs synchronously on the CPU.
+            times, hf_ar = time_calls(lambda: hf_target.generate(ids, attention_mask=mask, generation_config=plain), args.repeats)
+            seconds["hf_greedy"] += statistics.median(times)
+            times, hf_as = time_calls(
                 lambda: hf_target.generate(ids, attention_mask=mask, assistant_model=hf_drafter, generation_config=chain),
                 args.repeats,
             )
-            seconds["hf_assisted"] += t
+            seconds["hf_assisted"] += statistics.median(times)
             times, ar = time_calls(lambda: jspec.generate(target, row[None], max_new_tokens=n), args.repeats)
             seconds["jspec_greedy"] += statistics.median(times)
             times, spec = time_calls(

@@ -1,9 +1,13 @@
-"""Models and prompts for the demos: the bundled demo models by default, random-init models or
-checkpoints on request.
+"""Models and prompts for the demos: SmolLM2 and its drafter by default, the small code models,
+random-init models or checkpoints on request.
 
-By default the target is `jspec.demo.load("target")` and the drafter one of the bundled drafters
-(`--demo-drafter`, default the distilled one), prompted with held-out stdlib code
-(`jspec.demo.prompts`). `--target/--drafter` load any two checkpoints (random token prompts).
+`--target` names a demo model or a path. By default the target is SmolLM2-135M-Instruct
+(`jspec.demo.load("smollm2-135m")`, a chat model: prompts go through its chat template) drafted by
+`smollm2-135m-drafter`. `--target target` takes the small code model with the `--drafter` of the
+bundled code drafters (default drafter-distilled), prompted with held-out stdlib code
+(`jspec.demo.prompts`). A path is a jspec checkpoint, a Hugging Face directory or a GGUF file, and
+needs `--drafter` (a path or a demo drafter's name); a GGUF target is a chat model with the file's
+tokenizer.
 
 `--preset` builds random-init models instead, which the tests use because they compile in
 seconds. Two choices make a random pair honest rather than degenerate:
@@ -36,6 +40,9 @@ from jspec.models import ModelConfig, Transformer
 
 RANDOM_MODELS_NOTE = "models: random-init"
 DEMO_MODELS_NOTE = "models: jspec.demo (trained on the Python standard library)"
+CHAT_MODELS_NOTE = "models: SmolLM2-135M-Instruct (jspec.demo) and a drafter distilled for it"
+DEMO_DRAFTER = {demo.SMOLLM2: demo.SMOLLM2_DRAFTER, "target": "drafter-distilled"}
+DEMO_TARGETS = tuple(DEMO_DRAFTER)
 
 # The drafter's blocks and the lm_head: large enough that generations are varied (see module doc).
 KEPT_SCALE = 5.0
@@ -136,30 +143,31 @@ def is_hf_checkpoint(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
 
-def load_checkpoint(path: str) -> Transformer:
-    """A `jspec.models.save` checkpoint or a Hugging Face checkpoint directory (`jspec.models.from_hf`)."""
-    return jspec.models.from_hf(path) if is_hf_checkpoint(path) else jspec.models.load(path)
+def load_checkpoint(path: str, dtype: str | None = None) -> Transformer:
+    """A demo model by name, a GGUF file, a `jspec.models.save` checkpoint or a Hugging Face
+    checkpoint directory (`jspec.models.from_hf`), in `dtype` (default its own)."""
+    if path in demo.MODELS:
+        return demo.load(path, param_dtype=dtype)
+    if path.endswith(".gguf"):
+        return jspec.models.from_gguf(path, param_dtype=dtype)
+    model = jspec.models.from_hf(path) if is_hf_checkpoint(path) else jspec.models.load(path)
+    return model if dtype is None or dtype == model.config.param_dtype else jspec.models.cast(model, dtype)
 
 
-def loaded_models(target_path: str, drafter_path: str) -> tuple[Transformer, Transformer, str]:
-    """(target, drafter, description) from two checkpoints, jspec or Hugging Face."""
-    target = load_checkpoint(target_path)
-    drafter = load_checkpoint(drafter_path)
+def loaded_models(target_path: str, drafter_path: str, dtype: str | None = None) -> tuple[Transformer, Transformer, str]:
+    """(target, drafter, description) from two checkpoints or demo names."""
+    target = load_checkpoint(target_path, dtype)
+    drafter = load_checkpoint(drafter_path, dtype)
+    if target_path == demo.SMOLLM2 and drafter_path == demo.SMOLLM2_DRAFTER:
+        first = CHAT_MODELS_NOTE
+    elif target_path in demo.CODE_MODELS and drafter_path in demo.CODE_MODELS:
+        first = DEMO_MODELS_NOTE
+    else:
+        first = "models: checkpoints"
     description = "\n".join([
-        "models: checkpoints",
+        first,
         f"target: {target_path} ({_describe_config(target.config)})",
         f"drafter: {drafter_path} ({_describe_config(drafter.config)})",
-    ])
-    return target, drafter, description
-
-
-def demo_models(drafter_name: str = "drafter-distilled") -> tuple[Transformer, Transformer, str]:
-    """(target, drafter, description) of the bundled demo models."""
-    target, drafter = demo.load("target"), demo.load(drafter_name)
-    description = "\n".join([
-        DEMO_MODELS_NOTE,
-        f"target: jspec.demo 'target' ({_describe_config(target.config)})",
-        f"drafter: jspec.demo {drafter_name!r} ({_describe_config(drafter.config)})",
     ])
     return target, drafter, description
 
@@ -172,44 +180,72 @@ def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and prompt flags both demo scripts share."""
     parser.add_argument(
-        "--demo-drafter", choices=demo.DRAFTERS, default="drafter-distilled",
-        help="which bundled drafter drafts for the bundled target (default: drafter-distilled)",
+        "--target", metavar="NAME|PATH", default=demo.SMOLLM2,
+        help=f"target: a demo model ({', '.join(DEMO_TARGETS)}), a GGUF file, a jspec checkpoint or a Hugging Face "
+        f"directory (default: {demo.SMOLLM2})",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="random-init models of this size instead of the demo models")
     parser.add_argument(
-        "--target", metavar="PATH",
-        help="target checkpoint: jspec.models.save or a Hugging Face directory (config.json, safetensors); needs --drafter",
+        "--drafter", metavar="NAME|PATH",
+        help="drafter: a demo drafter's name or a path as --target (default: the demo target's own drafter, "
+        f"{DEMO_DRAFTER[demo.SMOLLM2]} or {DEMO_DRAFTER['target']})",
     )
-    parser.add_argument("--drafter", metavar="PATH", help="drafter checkpoint (as --target); needs --target")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="random-init models of this size instead")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None,
+        help="parameter and activation dtype of both models (default: their own, float32 for the demo models)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random models, prompts and sampling (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default: 64)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row, code prompts (default: 64)")
 
 
 def uses_demo_models(args: argparse.Namespace) -> bool:
-    return args.preset is None and args.target is None
+    """The small code models (`--target target`)."""
+    return args.preset is None and args.target == "target"
+
+
+def is_chat(args: argparse.Namespace) -> bool:
+    """A chat target: SmolLM2 or any GGUF file (whose tokenizer and chat template come with it)."""
+    return args.preset is None and (args.target == demo.SMOLLM2 or args.target.endswith(".gguf"))
+
+
+def chat_tokenizer(args: argparse.Namespace):
+    """The chat target's `ChatTokenizer`, or None for other targets."""
+    if not is_chat(args):
+        return None
+    if args.target == demo.SMOLLM2:
+        return demo.tokenizer(demo.SMOLLM2)
+    return jspec.models.gguf_tokenizer(args.target)
 
 
 def text_tokenizer(args: argparse.Namespace):
-    """The tokenizer of the models in use: the demo models', a Hugging Face target's tokenizer.json, or None."""
+    """The tokenizer code prompts are encoded with: the code models', a Hugging Face target's
+    tokenizer.json, or None (random token prompts; chat targets use `chat_tokenizer`)."""
     if uses_demo_models(args):
         return demo.tokenizer()
-    if args.target is not None and os.path.exists(os.path.join(args.target, "tokenizer.json")):
+    if args.preset is None and not is_chat(args) and os.path.exists(os.path.join(args.target, "tokenizer.json")):
         return jspec.models.load_tokenizer(args.target)
     return None
 
 
 def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Transformer, Transformer, str]:
-    """The checkpoints named by --target/--drafter, the random-init --preset models, or else the demo models."""
-    if (args.target is None) != (args.drafter is None):
-        parser.error("--target and --drafter must be given together")
-    if args.target is not None and args.preset is not None:
-        parser.error("--preset (random-init models) and --target/--drafter (checkpoints) exclude each other")
-    if args.target is not None:
-        return loaded_models(args.target, args.drafter)
+    """The random-init --preset models, or the --target/--drafter models (demo names or paths)."""
     if args.preset is not None:
-        return random_models(args.seed, args.preset)
-    return demo_models(args.demo_drafter)
+        if args.drafter is not None or args.target != demo.SMOLLM2:
+            parser.error("--preset (random-init models) and --target/--drafter exclude each other")
+        target, drafter, description = random_models(args.seed, args.preset)
+        if args.dtype is not None:
+            target, drafter = jspec.models.cast(target, args.dtype), jspec.models.cast(drafter, args.dtype)
+        return target, drafter, description
+    drafter = args.drafter or DEMO_DRAFTER.get(args.target)
+    if drafter is None:
+        parser.error(f"--target {args.target} needs --drafter (a path, or a demo drafter's name)")
+    if args.target in demo.MODELS and args.target not in DEMO_TARGETS:
+        parser.error(f"--target must be one of {DEMO_TARGETS} or a path, got the drafter {args.target!r}")
+    for flag, value in (("--target", args.target), ("--drafter", drafter)):
+        if value not in demo.MODELS and not os.path.exists(value):
+            parser.error(f"{flag} {value!r} is neither a demo model ({', '.join(demo.MODELS)}) nor an existing path")
+    return loaded_models(args.target, drafter, args.dtype)
 
 
 def prompts_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[jax.Array, str]:
@@ -223,38 +259,28 @@ def prompt_batches(
     parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int, n_batches: int
 ) -> tuple[list[jax.Array], str]:
     """n_batches different prompt batches `[batch_size, prompt_len]` and their description: the
-    demo code prompts in order (batch i holds prompts i*B .. i*B+B-1), else random token ids
-    (batch i from seed + i)."""
+    demo code prompts in order (batch i holds prompts i*B .. i*B+B-1), in the demo tokenizer's or a
+    Hugging Face target's own tokens (`text_tokenizer`), else random token ids (batch i from seed + i)."""
     if n_batches < 1:
         parser.error(f"the number of prompt batches must be >= 1, got {n_batches}")
-    if uses_demo_models(args):
+    tokenizer = text_tokenizer(args)
+    if tokenizer is not None:  # the demo models, or a Hugging Face target with its tokenizer.json: held-out code
         texts = demo.prompts()
+        own = uses_demo_models(args)
+        models = "the demo models" if own else f"{args.target}/tokenizer.json"
         if args.batch_size < 1 or args.batch_size * n_batches > len(texts):
             parser.error(
-                f"--batch-size x batches must lie in [1, {len(texts)}] (the demo prompts) with the demo models, "
+                f"--batch-size x batches must lie in [1, {len(texts)}] (the demo prompts) with {models}, "
                 f"got {args.batch_size} x {n_batches}"
             )
-        batches = [
-            jax.numpy.asarray(demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len))
-            for i in range(n_batches)
-        ]
-        return batches, (
-            f"prompts: the last {args.prompt_len} tokens of {args.batch_size * n_batches} held-out stdlib code "
-            f"snippet(s) (jspec.demo.prompts), {n_batches} batch(es) of {args.batch_size}"
-        )
-    tokenizer = text_tokenizer(args)
-    if tokenizer is not None:  # a Hugging Face target with its tokenizer.json: the same code, its own tokens
-        texts = demo.prompts()
-        if args.batch_size < 1 or args.batch_size * n_batches > len(texts):
-            parser.error(f"--batch-size x batches must lie in [1, {len(texts)}] (the demo prompts), got {args.batch_size} x {n_batches}")
-        texts = texts[: args.batch_size * n_batches]
         batches = [
             jax.numpy.asarray(demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len, tokenizer))
             for i in range(n_batches)
         ]
+        source = "(jspec.demo.prompts)" if own else f"encoded with {args.target}/tokenizer.json"
         return batches, (
-            f"prompts: the last {args.prompt_len} tokens of {len(texts)} held-out stdlib code snippet(s), "
-            f"encoded with {args.target}/tokenizer.json, {n_batches} batch(es) of {args.batch_size}"
+            f"prompts: the last {args.prompt_len} tokens of {args.batch_size * n_batches} held-out stdlib code "
+            f"snippet(s) {source}, {n_batches} batch(es) of {args.batch_size}"
         )
     batches = [random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed + i) for i in range(n_batches)]
     return batches, f"prompts: {n_batches} batch(es) of {args.batch_size} x {args.prompt_len} random token ids (seeds {args.seed}..)"

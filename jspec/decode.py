@@ -4,6 +4,10 @@ After prefill, every round runs inside one `lax.while_loop` on the device. Rows 
 independently (EOS or `max_new_tokens`); a finished row commits nothing and its output stops
 changing. Models are passed as `nnx.split` state (arguments, not closures over weights), so a
 call compiles once per (shapes, strategy, sampling) and never per call or acceptance pattern.
+
+Prompt widths and `max_new_tokens` are rounded up to buckets (`bucket_size`: at most 25% more,
+four sizes per doubling) before compiling, with the true limit passed as a value: a chat's next
+prompt, one token longer, reuses the program of the last one.
 """
 
 from __future__ import annotations
@@ -125,21 +129,33 @@ def _decode_loop(
     first_token: jax.Array,
     key: jax.Array,
     eos_id: jax.Array,
-    max_new_tokens: int,
+    max_new_tokens: jax.Array,
+    budget: int,
     tokens_per_round: int,
+    stream: Callable[[Any, Any], None] | None = None,
 ) -> Output:
-    """Emit `first_token [B]` (from prefill), then run `round_fn(carry, active, key)` in a while_loop."""
+    """Emit `first_token [B]` (from prefill), then run `round_fn(carry, active, key)` in a while_loop
+    until every row has `max_new_tokens` (int32 [], at most the static `budget`) or hit EOS.
+    `stream(tokens [B, E], counts [B])` is called on the host with each step's kept tokens."""
     b = first_token.shape[0]
     state = LoopState(
         step=jnp.zeros((), jnp.int32),
         key=key,
-        tokens=jnp.full((b, max_new_tokens + tokens_per_round), PAD_ID, jnp.int32),
+        tokens=jnp.full((b, budget + tokens_per_round), PAD_ID, jnp.int32),
         length=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
-        emitted_per_round=jnp.zeros((b, max_new_tokens), jnp.int32),
+        emitted_per_round=jnp.zeros((b, budget), jnp.int32),
         carry=carry,
     )
-    state = _append(state, first_token[:, None], jnp.ones((b,), jnp.int32), eos_id, max_new_tokens)
+
+    def append(state: LoopState, new: jax.Array, n_new: jax.Array) -> LoopState:
+        appended = _append(state, new, n_new, eos_id, max_new_tokens)
+        if stream is not None:  # the tokens each row kept, as they are accepted
+            kept = jnp.minimum(appended.length, max_new_tokens) - jnp.minimum(state.length, max_new_tokens)
+            jax.debug.callback(stream, new, kept, ordered=True)
+        return appended
+
+    state = append(state, first_token[:, None], jnp.ones((b,), jnp.int32))
 
     def cond(state: LoopState):
         return jnp.any(~state.done) & (state.step < max_new_tokens)
@@ -149,39 +165,62 @@ def _decode_loop(
         carry, new, n_new = round_fn(state.carry, active, jax.random.fold_in(state.key, state.step))
         emitted = state.emitted_per_round.at[:, state.step].set(jnp.where(active, n_new, 0))
         state = dataclasses.replace(state, carry=carry, emitted_per_round=emitted, step=state.step + 1)
-        return _append(state, new, n_new, eos_id, max_new_tokens)
+        return append(state, new, n_new)
 
     state = jax.lax.while_loop(cond, body, state)
     length = jnp.minimum(state.length, max_new_tokens)
-    tokens = state.tokens[:, :max_new_tokens]
-    tokens = jnp.where(jnp.arange(max_new_tokens)[None, :] < length[:, None], tokens, PAD_ID)
+    tokens = state.tokens[:, :budget]
+    tokens = jnp.where(jnp.arange(budget)[None, :] < length[:, None], tokens, PAD_ID)
     passes = jnp.sum(state.emitted_per_round > 0, axis=1).astype(jnp.int32)
     tau = jnp.sum(state.emitted_per_round) / jnp.maximum(jnp.sum(passes), 1)
     return Output(tokens=tokens, lengths=length, stats=Stats(passes, state.emitted_per_round, tau.astype(jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "sampling", "max_new_tokens"))
-def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, *, sampling, max_new_tokens):
+def bucket_size(n: int) -> int:
+    """The bucket a prompt width or token budget `n` is rounded up to: 16, 20, 24, 28, 32, 40, 48,
+    56, 64, 80, ... (four sizes per doubling, so at most 25% larger than n), so that nearby sizes
+    share one compiled program."""
+    if n <= 16:
+        return 16
+    step = 1 << max(0, n.bit_length() - 3)  # a quarter of the largest power of two <= n
+    return -(-n // step) * step
+
+
+def _pad_width(prompts: jax.Array, width: int) -> jax.Array:
+    """Right-pad prompts `[B, P]` to `[B, width]` (the padding is never attended to: prompt_lengths)."""
+    return prompts if prompts.shape[1] == width else jnp.pad(prompts, ((0, 0), (0, width - prompts.shape[1])))
+
+
+def _trim(output: Output, max_new_tokens: int) -> Output:
+    """The bucketed output cut back to `max_new_tokens` columns."""
+    if output.tokens.shape[1] == max_new_tokens:
+        return output
+    stats = dataclasses.replace(output.stats, emitted_per_round=output.stats.emitted_per_round[:, :max_new_tokens])
+    return Output(tokens=output.tokens[:, :max_new_tokens], lengths=output.lengths, stats=stats)
+
+
+@functools.partial(jax.jit, static_argnames=("target_graph", "sampling", "budget", "stream"))
+def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, max_new_tokens, *, sampling, budget, stream=None):
     target = nnx.merge(target_graph, target_state)
     key_prefill, key_loop = jax.random.split(key)
-    logits, cache = prefill(target, prompts, prompt_lengths, prompts.shape[1] + max_new_tokens + 1)
+    logits, cache = prefill(target, prompts, prompt_lengths, prompts.shape[1] + budget + 1)
     first = sample(key_prefill, warp(logits, sampling))
     round_fn = lambda carry, active, key: autoregressive_round(target, carry, active, sampling, key)
-    return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, 1)
+    return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, budget, 1, stream)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "max_new_tokens")
+    jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "budget", "stream")
 )
 def _speculative_generate(
-    target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, key, eos_id,
-    *, strategy, sampling, max_new_tokens,
+    target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, key, eos_id, max_new_tokens,
+    *, strategy, sampling, budget, stream=None,
 ):
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state)
     key_prefill, key_loop = jax.random.split(key)
     # Slack past the last emitted token: a round writes tokens_scored entries beyond the length.
-    cache_size = prompts.shape[1] + max_new_tokens + strategy.tokens_scored + 1
+    cache_size = prompts.shape[1] + budget + strategy.tokens_scored + 1
     logits, target_cache = prefill(target, prompts, prompt_lengths, cache_size)
     _, drafter_cache = prefill(drafter, prompts, prompt_lengths, cache_size)
     first = sample(key_prefill, warp(logits, sampling))
@@ -199,7 +238,7 @@ def _speculative_generate(
     else:
         strategy_round = tree_round
     round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
-    return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, strategy.tokens_per_round)
+    return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, budget, strategy.tokens_per_round, stream)
 
 
 def _check_model(name: str, model) -> None:
@@ -221,11 +260,15 @@ def generate(
     rng: jax.Array | None = None,
     prompt_lengths=None,
     eos_id: int | None = None,
+    stream: Callable[[Any, Any], None] | None = None,
 ) -> Output:
     """Autoregressive decoding, the baseline every speculative method must match in distribution.
 
     prompts: int32 `[B, P]`, right-padded; prompt_lengths: int32 `[B]` (None: all rows are full).
     rng: a PRNG key, required when sampling.temperature > 0.
+    stream: called on the host after every step as `stream(tokens, counts)` with numpy arrays
+    `[B, E]` and `[B]`: row b kept `tokens[b, :counts[b]]` (for printing an answer as it grows).
+    The function is part of the compiled program: pass the same object to reuse it.
     """
     _check_model("model", model)
     _check_sampling(sampling)
@@ -234,9 +277,12 @@ def generate(
     eos = check_eos(eos_id, model.config.vocab_size)
     key = check_rng(rng, sampling.greedy)
     graph, state = nnx.split(model)
-    return _generate(
-        graph, state, prompts, prompt_lengths, key, jnp.int32(eos), sampling=sampling, max_new_tokens=int(max_new_tokens)
-    )
+    n = int(max_new_tokens)
+    output = _generate(
+        graph, state, _pad_width(prompts, bucket_size(prompts.shape[1])), prompt_lengths, key, jnp.int32(eos),
+        jnp.int32(n), sampling=sampling, budget=bucket_size(n), stream=stream,
+    )  # fmt: skip
+    return _trim(output, n)
 
 
 def speculative_generate(
@@ -250,8 +296,10 @@ def speculative_generate(
     rng: jax.Array | None = None,
     prompt_lengths=None,
     eos_id: int | None = None,
+    stream: Callable[[Any, Any], None] | None = None,
 ) -> Output:
-    """Speculative decoding of `target` with `drafter`; same arguments and output as `generate`.
+    """Speculative decoding of `target` with `drafter`; same arguments and output as `generate`
+    (`stream` is called once per round, with the tokens the round kept).
 
     With a lossless strategy the output has exactly the distribution of `generate(target, ...)`
     (token for token at temperature 0). `Output.stats.mean_accepted` is tau.
@@ -270,7 +318,10 @@ def speculative_generate(
     key = check_rng(rng, sampling.greedy)
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter)
-    return _speculative_generate(
-        target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, key, jnp.int32(eos),
-        strategy=strategy, sampling=sampling, max_new_tokens=int(max_new_tokens),
-    )
+    n = int(max_new_tokens)
+    output = _speculative_generate(
+        target_graph, target_state, drafter_graph, drafter_state, _pad_width(prompts, bucket_size(prompts.shape[1])),
+        prompt_lengths, key, jnp.int32(eos), jnp.int32(n), strategy=strategy, sampling=sampling, budget=bucket_size(n),
+        stream=stream,
+    )  # fmt: skip
+    return _trim(output, n)

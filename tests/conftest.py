@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from scipy import stats
 
-from jspec.models import ModelConfig, Transformer
+from jspec.models import ModelConfig, Transformer, causal_mask, init_cache
 
 # Untied head and enlarged weights: tiny random models then produce varied, context-dependent text
 # (a tied random model at standard init repeats one token, which would make greedy tests trivial).
@@ -54,6 +55,16 @@ def forward(model: Transformer, tokens, positions, mask, cache):
     """`model(tokens, positions, mask, cache)`, compiled once per shape (eager op-by-op dispatch
     of a whole transformer is slower than compiling it)."""
     return model(tokens, positions, mask, cache)
+
+
+def causal_logits(model: Transformer, tokens) -> jax.Array:
+    """Logits `[B, T, V]` of one causal pass over int tokens `[B, T]` from an empty cache: the
+    reference every cached, chunked or tree-shaped pass (and every imported model) must match."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, _ = forward(model, tokens, positions, causal_mask(b, t), init_cache(model.config, b, t))
+    return logits
 
 
 def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:

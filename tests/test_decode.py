@@ -14,7 +14,7 @@ import pytest
 import jspec
 from conftest import TINY, chi_square_pvalue, perturbed, random_model
 from jspec.chain import ChainCarry, chain_round
-from jspec.decode import PAD_ID, _generate, _speculative_generate, prefill
+from jspec.decode import PAD_ID, _generate, _speculative_generate, bucket_size, prefill
 from jspec.models import causal_mask, init_cache, truncate
 from jspec.sampling import Sampling, warp
 
@@ -103,16 +103,62 @@ def test_stats_count_target_passes(tiny_target):
 
 
 def test_compiles_once_per_shapes_strategy_and_sampling(tiny_target):
-    """New prompts, lengths, weights, keys and acceptance patterns reuse the compiled program."""
+    """New prompts, lengths, weights, keys and acceptance patterns reuse the compiled program, and
+    so do nearby prompt widths and token budgets (one bucket: 17..20)."""
     strategy, sampling = jspec.Chain(k=3, verifier="block"), Sampling(temperature=1.0)
     before = _speculative_generate._cache_size()
-    for seed in range(4):
-        prompts, lengths = _ragged_prompts(seed, 4)
-        jspec.speculative_generate(
+    for seed, (width, max_new) in enumerate([(17, 17), (18, 20), (19, 18), (20, 19)]):
+        prompts, lengths = _ragged_prompts(seed, 4, width)
+        out = jspec.speculative_generate(
             random_model(TINY, seed), perturbed(tiny_target, 0.1 * seed, seed), prompts, prompt_lengths=lengths,
-            max_new_tokens=16, strategy=strategy, sampling=sampling, rng=jax.random.key(seed),
+            max_new_tokens=max_new, strategy=strategy, sampling=sampling, rng=jax.random.key(seed),
         )
+        assert out.tokens.shape == (4, max_new) and int(out.lengths.max()) == max_new
     assert _speculative_generate._cache_size() == before + 1
+    before = _generate._cache_size()
+    for width, max_new in [(9, 5), (12, 16), (16, 11)]:
+        prompts, lengths = _ragged_prompts(width, 2, width)
+        assert jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=max_new).tokens.shape == (2, max_new)
+    assert _generate._cache_size() == before + 1
+
+
+@pytest.mark.parametrize("n, bucket", [(1, 16), (16, 16), (17, 20), (20, 20), (21, 24), (33, 40), (100, 112), (129, 160), (1000, 1024)])
+def test_bucket_sizes_are_at_most_a_quarter_larger(n, bucket):
+    assert bucket_size(n) == bucket
+    assert n <= bucket_size(n) <= max(16, 1.25 * n)
+
+
+def test_bucketed_greedy_output_equals_an_exact_width_prompt(tiny_target):
+    """Padding a prompt to its bucket changes nothing: a row decoded alone at its own width (17,
+    bucket 20) and the same row inside a wider batch give the same tokens."""
+    prompts, lengths = _ragged_prompts(5, 3, 17)
+    batch = jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=13)
+    for row in range(3):
+        alone = jspec.generate(tiny_target, prompts[row : row + 1, : lengths[row]], max_new_tokens=13)
+        np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batch.tokens[row]))
+
+
+def test_stream_sees_every_kept_token_in_order(tiny_target):
+    """The host callback receives, round by round, exactly the tokens each row keeps: cut at EOS
+    and at max_new_tokens, nothing after a row finishes."""
+    drafter = perturbed(tiny_target, 0.3, 3)
+    prompts, lengths = _ragged_prompts(4, 3)
+    for decode in (
+        lambda **kw: jspec.generate(tiny_target, prompts, prompt_lengths=lengths, **kw),
+        lambda **kw: jspec.speculative_generate(tiny_target, drafter, prompts, prompt_lengths=lengths, strategy=jspec.Chain(k=3), **kw),
+    ):
+        reference = decode(max_new_tokens=MAX_NEW)
+        eos = int(reference.tokens[1, 5])  # row 1 stops early at this token
+        streamed = [[] for _ in range(3)]
+
+        def stream(tokens, counts):
+            for row in range(3):
+                streamed[row] += tokens[row, : counts[row]].tolist()
+
+        out = decode(max_new_tokens=MAX_NEW - 1, eos_id=eos, stream=stream)
+        assert int(out.lengths[1]) <= 6
+        for row in range(3):
+            assert streamed[row] == np.asarray(out.tokens[row, : out.lengths[row]]).tolist()
 
 
 def test_runs_inside_a_user_jit(tiny_target):

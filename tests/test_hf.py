@@ -21,9 +21,9 @@ torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) 
 tf = pytest.importorskip("transformers", reason="the hf extra (torch, transformers) is not installed")
 
 import jspec  # noqa: E402
-from conftest import TINY, forward, random_model  # noqa: E402
+from conftest import TINY, causal_logits, random_model  # noqa: E402
 from flax import nnx  # noqa: E402
-from jspec.models import ModelConfig, RopeScaling, causal_mask, from_hf, init_cache, load_tokenizer, to_hf  # noqa: E402
+from jspec.models import ModelConfig, RopeScaling, from_hf, load_tokenizer, to_hf  # noqa: E402
 from jspec.models.hf import FAMILIES, config_from_hf  # noqa: E402
 
 VOCAB = 256
@@ -88,10 +88,7 @@ def hf_greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def jspec_logits(model, ids: np.ndarray) -> np.ndarray:
-    b, t = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, _ = forward(model, jnp.asarray(ids, jnp.int32), positions, causal_mask(b, t), init_cache(model.config, b, t))
-    return np.asarray(logits)
+    return np.asarray(causal_logits(model, ids))
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,11 @@ def test_generate_rejects_a_node_budget_the_tree_cannot_use():
         generate.main([*SMALL_RUN, "--tree", "eagle", "--nodes", "4"])
 
 
-def test_generate_defaults_to_the_demo_models_and_code_prompts(capsys):
-    result = generate.main(["--max-new-tokens", "16", "--batch-size", "2", "--prompt-len", "24", "--repeats", "1"])
+def test_generate_on_the_code_models_uses_code_prompts(capsys):
+    result = generate.main(["--target", "target", "--max-new-tokens", "16", "--batch-size", "2", "--prompt-len", "24", "--repeats", "1"])
     printed = capsys.readouterr().out
     assert printed.startswith(DEMO_MODELS_NOTE)
-    assert "'drafter-distilled'" in printed
+    assert "drafter: drafter-distilled" in printed
     assert result["identical"] is True
     # The prompt is printed as text: the end of the first held-out snippet.
     assert jspec.demo.prompts()[0].splitlines()[-1] in printed

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, forward, random_model
+from conftest import TINY, causal_logits, forward, random_model
 from jspec.models import (
     RopeScaling,
     attention_mask,
@@ -37,19 +37,12 @@ VARIANTS = {
 TOLERANCE = {"bfloat16": 0.1}  # bf16 activations and cache: rounding differs between chunk shapes
 
 
-def _full_logits(model, tokens):
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, _ = forward(model, tokens, positions, causal_mask(b, t), init_cache(model.config, b, t))
-    return logits
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_incremental_decoding_matches_full_causal_forward(name):
     model = random_model(VARIANTS[name], seed=1)
     b, t = 3, 12
     tokens = jax.random.randint(jax.random.key(2), (b, t), 0, TINY.vocab_size)
-    full = _full_logits(model, tokens)
+    full = causal_logits(model, tokens)
 
     cache = init_cache(model.config, b, 16)
     pieces, start = [], 0
@@ -104,7 +97,7 @@ def test_rows_commit_independently_and_rejected_entries_are_overwritten():
 
     for row in range(b):
         seq = np.concatenate([prefix[row], proposed[row, : keep[row]], follow[row]])[None]
-        expected = _full_logits(model, jnp.asarray(seq))[0, -3:]
+        expected = causal_logits(model, jnp.asarray(seq))[0, -3:]
         np.testing.assert_allclose(logits[row], expected, atol=2e-4, rtol=1e-4)
 
 
@@ -141,12 +134,12 @@ def test_commit_path_keeps_only_the_accepted_path():
     logits, _ = forward(model, nxt, cache.lengths[:, None], causal_mask(b, 1), cache)
     for row, n in enumerate([3, 2]):
         seq = jnp.concatenate([prefix[row], nodes[row, jnp.asarray([0, 2, 4][:n])], nxt[row]])[None]
-        np.testing.assert_allclose(logits[row, 0], _full_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits[row, 0], causal_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
         # Every tree node's logits equal those of a causal pass over its root path.
     for i in range(5):
         root_path = [j for j in range(5) if ancestor[i, j]]
         seq = jnp.concatenate([prefix[0], nodes[0, jnp.asarray(root_path)]])[None]
-        np.testing.assert_allclose(tree_logits[0, i], _full_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(tree_logits[0, i], causal_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
 
 
 def test_truncate_rewinds_lengths():
@@ -197,7 +190,7 @@ def test_save_load_round_trip(tmp_path, name):
     loaded = load(tmp_path / "ckpt")
     assert loaded.config == model.config
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, TINY.vocab_size)
-    np.testing.assert_array_equal(_full_logits(loaded, tokens), _full_logits(model, tokens))
+    np.testing.assert_array_equal(causal_logits(loaded, tokens), causal_logits(model, tokens))
     with pytest.raises(ValueError, match="already exists"):
         save(model, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="not a jspec checkpoint"):

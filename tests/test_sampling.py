@@ -88,6 +88,59 @@ def test_sample_of_one_hot_rows_is_their_token():
     np.testing.assert_array_equal(np.asarray(draws), np.asarray(tokens))
 
 
+def _running_sum_draws(key: jax.Array, probs: jax.Array, n: int) -> np.ndarray:
+    """n draws of the sampler jspec used before (the negative control): inverse CDF over a float32
+    running sum, `sum(cdf <= u)` over the same XLA cumsum, counted by a binary search in the sorted
+    cdf (XLA's parallel prefix sum is not exactly monotone) instead of an [n, V] comparison."""
+    cdf = np.asarray(jnp.cumsum(probs, axis=-1))
+    u = np.asarray(jax.random.uniform(key, (n,))) * cdf[-1]
+    return np.minimum(np.searchsorted(np.sort(cdf), u, side="right"), len(cdf) - 1)
+
+
+def _long_tail(vocab: int = 49152) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A real-vocabulary law with a long tail past a few dominant tokens, and the bins to test it on.
+
+    8 leaders, then three tail groups of 16k tokens at 2.5e-8, 1.5e-7 and 1e-6 (below, near and
+    above float32's 6e-8 spacing next to 1, where a running sum places them). Bins: each leader,
+    and each tail group split into the tokens whose interval in a float32 running sum is empty and
+    the rest, so that a sampler must give every token its own mass, not only each group its total.
+    """
+    p = np.zeros(vocab, np.float64)
+    groups = [np.arange(8, 16392), np.arange(16392, 32776), np.arange(32776, vocab)]
+    for group, mass in zip(groups, (2.5e-8, 1.5e-7, 1e-6)):
+        p[group] = mass
+    p[:8] = (1 - p.sum()) * np.asarray([0.3, 0.2, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03])
+    cdf = np.asarray(jnp.cumsum(jnp.asarray(p, jnp.float32)))
+    empty = np.diff(cdf, prepend=np.float32(0)) == 0
+    bins = [np.asarray([i]) for i in range(8)]
+    for group in groups:
+        bins += [b for b in (group[empty[group]], group[~empty[group]]) if len(b)]
+    return p, bins
+
+
+def _binned_pvalue(draws: np.ndarray, p: np.ndarray, bins: list[np.ndarray]) -> float:
+    which = np.zeros(len(p), np.int64)
+    for b, ids in enumerate(bins):
+        which[ids] = b
+    return chi_square_pvalue(which[draws], np.asarray([p[ids].sum() for ids in bins]))
+
+
+@pytest.mark.parametrize("sampler", ["sample", "running_sum"])
+def test_sample_gives_each_tail_token_its_mass_at_a_real_vocabulary_size(sampler):
+    """At V = 49152, 400k draws follow the exact law, binned so that tail tokens a float32 running
+    sum would never draw form bins of their own; the same test rejects that running sum (the
+    inverse-CDF sampler jspec used before)."""
+    p, bins = _long_tail()
+    assert len(bins) > 11  # some tail tokens do get an empty running-sum interval
+    probs, n = jnp.asarray(p, jnp.float32), 400_000
+    if sampler == "sample":
+        draws = np.asarray(jax.jit(jax.vmap(sample, in_axes=(0, None)))(jax.random.split(jax.random.key(0), n), probs))
+    else:
+        draws = _running_sum_draws(jax.random.key(0), probs, n)
+    pvalue = _binned_pvalue(draws, p, bins)
+    assert pvalue > 1e-3 if sampler == "sample" else pvalue < 1e-6
+
+
 def _successive_law(p: np.ndarray) -> np.ndarray:
     """P(first = i, second = j) of two draws without replacement: p_i p_j / (1 - p_i), `[V * V]`."""
     joint = p[:, None] * p[None, :] / (1 - p[:, None])

@@ -1,4 +1,12 @@
-"""The bundled demo models: a target and three drafters trained on the Python standard library's source.
+"""The demo models: SmolLM2-135M-Instruct with a drafter trained for it, and small code models.
+
+    target = jspec.demo.load("smollm2-135m")            # fetched once per machine (jspec.demo.smollm2)
+    drafter = jspec.demo.load("smollm2-135m-drafter")   # bundled; shares the target's embedding table
+    tok = jspec.demo.tokenizer("smollm2-135m")          # a ChatTokenizer: encode, decode, chat template
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+
+The small code models are a target and three drafters trained on the Python standard library's
+source, bundled in the package (fast enough for tests):
 
     target = jspec.demo.load("target")
     drafter = jspec.demo.load("drafter-distilled")
@@ -21,12 +29,16 @@ import pathlib
 import numpy as np
 from tokenizers import Tokenizer
 
-from jspec.models import Transformer
+from jspec.demo import smollm2
+from jspec.models import Transformer, cast
 from jspec.models import load as load_checkpoint
 from jspec.training.tokenizer import load_tokenizer
 
-MODELS = ("target", "drafter", "drafter-distilled", "drafter-trimmed")
-DRAFTERS = MODELS[1:]
+CODE_MODELS = ("target", "drafter", "drafter-distilled", "drafter-trimmed")
+DRAFTERS = CODE_MODELS[1:]
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_DRAFTER = "smollm2-135m-drafter"
+MODELS = (SMOLLM2, SMOLLM2_DRAFTER) + CODE_MODELS
 DEMO_DIR = pathlib.Path(__file__).parent
 
 
@@ -36,24 +48,65 @@ def _check_name(name: str) -> None:
 
 
 def model_path(name: str) -> pathlib.Path:
-    """The Orbax checkpoint directory of a demo model."""
+    """The Orbax checkpoint directory of a bundled demo model (every model but smollm2-135m)."""
     _check_name(name)
+    if name == SMOLLM2:
+        raise ValueError(f"{SMOLLM2} is not bundled; jspec.demo.smollm2.gguf_path() fetches it")
     return DEMO_DIR / "models" / name
 
 
-def load(name: str) -> Transformer:
-    """A fresh copy of the demo model `name`: one of "target", "drafter", "drafter-distilled",
-    "drafter-trimmed"."""
+def load(name: str, *, param_dtype: str | None = None) -> Transformer:
+    """A fresh copy of the demo model `name` (see `MODELS`).
+
+    "smollm2-135m" is read from its GGUF file (fetched and verified once per machine, see
+    `jspec.demo.smollm2`); "smollm2-135m-drafter" is bundled without its embedding table, which it
+    shares with the target, and takes it from the same file. param_dtype: cast the parameters
+    (e.g. "bfloat16"); default float32.
+    """
+    _check_name(name)
+    if name == SMOLLM2:
+        from jspec.models.gguf import from_gguf
+
+        return from_gguf(smollm2.gguf_path(), param_dtype=param_dtype)
     path = model_path(name)
     if not path.is_dir():
-        raise FileNotFoundError(f"demo model {name!r} is missing at {path}; run `python -m train.demo_models --export`")
-    return load_checkpoint(path)
+        raise FileNotFoundError(f"demo model {name!r} is missing at {path}; see its card for the training recipe")
+    if name == SMOLLM2_DRAFTER:
+        model = load_checkpoint(path, shared=_smollm2_embedding())
+    else:
+        model = load_checkpoint(path)
+    return model if param_dtype is None else cast(model, param_dtype)
 
 
 @functools.cache
-def tokenizer() -> Tokenizer:
-    """The 8192-token byte-level BPE tokenizer all demo models share."""
+def _smollm2_embedding_array():
+    from jspec.models.gguf import GGUFFile
+
+    return GGUFFile(smollm2.gguf_path()).dequantized("token_embd.weight")
+
+
+def _smollm2_embedding() -> dict:
+    return {"embed": {"embedding": _smollm2_embedding_array()}}
+
+
+@functools.cache
+def _code_tokenizer() -> Tokenizer:
     return load_tokenizer(DEMO_DIR / "tokenizer.json")
+
+
+@functools.cache
+def _chat_tokenizer():
+    from jspec.models.gguf_tokenizer import gguf_tokenizer
+
+    return gguf_tokenizer(smollm2.gguf_path())
+
+
+def tokenizer(name: str = "target"):
+    """The tokenizer of a demo model: for the SmolLM2 models a `ChatTokenizer` (encode, decode,
+    apply_chat_template, eos_id) read from the GGUF file; for the code models the 8192-token
+    byte-level BPE `tokenizers.Tokenizer` they share (the default)."""
+    _check_name(name)
+    return _chat_tokenizer() if name in (SMOLLM2, SMOLLM2_DRAFTER) else _code_tokenizer()
 
 
 def prompts() -> list[str]:
@@ -83,4 +136,17 @@ def card(name: str) -> str:
     return (DEMO_DIR / "cards" / f"{name}.md").read_text()
 
 
-__all__ = ["DRAFTERS", "MODELS", "card", "encode_prompts", "load", "model_path", "prompts", "tokenizer"]
+__all__ = [
+    "CODE_MODELS",
+    "DRAFTERS",
+    "MODELS",
+    "SMOLLM2",
+    "SMOLLM2_DRAFTER",
+    "card",
+    "encode_prompts",
+    "load",
+    "model_path",
+    "prompts",
+    "smollm2",
+    "tokenizer",
+]

@@ -412,7 +412,24 @@ def from_hf(
     config = config_from_hf(hf, param_dtype=param_dtype, dtype=dtype)
     family = _family(hf)
     tensors = _strip_prefix(read_safetensors(directory), family)
+    return model_from_tensors(config, family, tensors, source=f"checkpoint {directory!r}", mesh=mesh)
 
+
+def model_from_tensors(
+    config: ModelConfig,
+    family: str,
+    tensors: dict,
+    *,
+    source: str,
+    mesh: jax.sharding.Mesh | None = None,
+    norms_hold_one: bool = False,
+) -> Transformer:
+    """A Transformer of `config` from host tensors under their Hugging Face names (torch layout).
+
+    Every jspec parameter must be filled and every tensor used (`_BUFFER_SUFFIXES` and a stored
+    copy of a tied head excepted); `source` names the file in the errors. norms_hold_one: Gemma's
+    norm scales are stored as 1 + w already (llama.cpp's GGUF files), so they are copied as they are.
+    """
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = nnx.to_pure_dict(state)
@@ -421,20 +438,22 @@ def from_hf(
     with _host():
         for path, name, how in _entries(config, family):
             if name not in tensors:
-                raise ValueError(f"checkpoint {directory!r} lacks tensor {name!r} ({family})")
-            value = _to_jspec(tensors[name], how)
+                raise ValueError(f"{source} lacks tensor {name!r} ({family})")
+            if how == "gemma_norm" and norms_hold_one:
+                how = "copy"
+            value = _to_jspec(jnp.asarray(tensors[name]), how)
             want = _get_path(shapes, path)
             if value.shape != want.shape:
-                raise ValueError(f"tensor {name!r} has shape {value.shape}, the model expects {want.shape}")
+                raise ValueError(f"tensor {name!r} of {source} has shape {value.shape}, the model expects {want.shape}")
             _set_path(params, path, value.astype(want.dtype))
             used.add(name)
     tied_head = config.tie_embeddings and "lm_head.weight" in tensors  # some checkpoints store the tied copy
     unused = sorted(k for k in tensors if k not in used and not k.endswith(_BUFFER_SUFFIXES) and not (tied_head and k == "lm_head.weight"))
     if unused:
-        raise ValueError(f"checkpoint {directory!r} has tensors jspec's {family} model does not use: {unused[:8]}")
+        raise ValueError(f"{source} has tensors jspec's {family} model does not use: {unused[:8]}")
     missing = [p for p in _leaf_paths(params) if isinstance(_get_path(params, p), jax.ShapeDtypeStruct)]
     if missing:
-        raise ValueError(f"no checkpoint tensor for jspec parameters {missing[:8]}")
+        raise ValueError(f"no tensor of {source} for jspec parameters {missing[:8]}")
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
     if mesh is not None:
@@ -475,4 +494,14 @@ def load_tokenizer(directory: str | os.PathLike):
     return Tokenizer.from_file(path)
 
 
-__all__: list[str] = ["EXPORT_FAMILIES", "FAMILIES", "config_from_hf", "config_to_hf", "from_hf", "load_tokenizer", "read_safetensors", "to_hf"]
+__all__: list[str] = [
+    "EXPORT_FAMILIES",
+    "FAMILIES",
+    "config_from_hf",
+    "config_to_hf",
+    "from_hf",
+    "load_tokenizer",
+    "model_from_tensors",
+    "read_safetensors",
+    "to_hf",
+]

@@ -242,12 +242,15 @@ class Transformer(nnx.Module):
         cache: KVCache,
         logits_at: jax.Array | None = None,  # int32 [B, K], indices into the T new tokens
         write_at: jax.Array | int = 0,  # int32 [] or [B], window offset of the first new token
+        scatter_head: bool = True,
     ) -> tuple[jax.Array, KVCache]:
         """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged).
 
         With `logits_at`, only the logits of those new tokens, `[B, K, V]`: the output head is most
         of a small model's cost, and prefill or a drafter's catch-up needs one position's logits.
         `mask` and `write_at`: see the module docstring (defaults: a window of the T new tokens).
+        scatter_head=False: a trimmed head's logits stay `[..., head_tokens]` in `head_token_ids`
+        order (training over the kept tokens only, without a full-vocabulary tensor).
         """
         cfg = self.config
         x = self.embed(tokens)
@@ -269,7 +272,7 @@ class Transformer(nnx.Module):
         else:
             logits = self.lm_head(x)
         logits = softcap(logits.astype(jnp.float32), cfg.final_softcap)
-        if cfg.head_tokens is not None:  # scatter the K head logits back over the full vocabulary
+        if cfg.head_tokens is not None and scatter_head:  # scatter the K head logits back over the full vocabulary
             full = jnp.full(logits.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32)
             logits = full.at[..., self.head_token_ids[...]].set(logits)
         return logits, cache
@@ -278,3 +281,16 @@ class Transformer(nnx.Module):
 def causal_mask(batch_size: int, t: int) -> jax.Array:
     """bool `[B, T, T]` lower-triangular mask for a chain of T new tokens."""
     return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch_size, t, t))
+
+
+def cast(model: Transformer, dtype: str) -> Transformer:
+    """A copy of `model` with parameters and activations in `dtype` (a dtype name, e.g. "bfloat16");
+    integer variables (a trimmed head's token map) keep theirs."""
+    import dataclasses
+
+    config = dataclasses.replace(model.config, param_dtype=dtype, dtype=dtype)
+    graph, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    params = nnx.state(model).to_pure_dict()
+    cast_leaf = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    nnx.replace_by_pure_dict(state, jax.tree.map(cast_leaf, params))
+    return nnx.merge(graph, state)

@@ -98,16 +98,20 @@ def fit(
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> tuple[Transformer, list[dict]]:
     """Optimise `model` to `config.steps`, resuming from the latest checkpoint in checkpoint_dir.
 
     batch_fn(step, model) gives the batch of a step (deterministic in step and model); eval_fn(model)
     gives held-out metrics, recorded every `eval_every` steps with the mean train loss since the last
     evaluation. `stop_after` ends this run after that many steps, as an interruption would. Returns
-    the trained model and the history of evaluation records.
+    the trained model and the history of evaluation records. `trainable`: the variables optimised
+    (an nnx filter; default every Param), e.g. `nnx.All(nnx.Param, nnx.Not(nnx.PathContains("embed")))`
+    for a drafter that keeps its target's embedding table frozen.
     """
-    # Only Params are trained; other variables (a trimmed head's token map) ride along unchanged.
-    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    # Only the trainable Params are trained; other variables (a trimmed head's token map, frozen
+    # parameters) ride along unchanged.
+    graph, params, rest = nnx.split(model, trainable, ...)
     params = jax.tree.map(jnp.copy, params)  # train_step donates its state; the caller's model stays valid
     optimizer = make_optimizer(config)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
