@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from typing import Callable
 
 import jax
@@ -45,9 +46,9 @@ from tqdm import tqdm
 import jspec
 from infer.methods import TREE_METHODS, Method, chain_method, tree_method, tree_width
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompt_batches, text_tokenizer
-from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup, time_calls
-
+from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup
 from jspec.decode import bucket_size
+from jspec.models import cast
 from jspec.sequoia import measure_acceptance
 from jspec.verify import CHAIN_VERIFIERS
 
@@ -70,19 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6], help="draft lengths k (default: 2 4 6)")
     parser.add_argument(
-        "--verifiers", nargs="+", choices=sorted(CHAIN_VERIFIERS), default=["sampling", "block"],
+        "--verifiers",
+        nargs="+",
+        choices=sorted(CHAIN_VERIFIERS),
+        default=["sampling", "block"],
         help="chain verifiers (default: sampling block); greedy runs at temperature 0 only",
     )
     parser.add_argument(
-        "--node-budgets", type=int, nargs="*", default=[5, 9, 17],
+        "--node-budgets",
+        type=int,
+        nargs="*",
+        default=[5, 9, 17],
         help="tree node budgets N, tokens scored per round; each also adds Chain(k=N-1) (default: 5 9 17)",
     )
     parser.add_argument(
-        "--trees", nargs="*", choices=TREE_METHODS, default=list(TREE_METHODS),
+        "--trees",
+        nargs="*",
+        choices=TREE_METHODS,
+        default=list(TREE_METHODS),
         help="tree methods run at every node budget (default: all; see infer/methods.py)",
     )
     parser.add_argument(
-        "--calibration-batches", type=int, default=2,
+        "--calibration-batches",
+        type=int,
+        default=2,
         help="extra prompt batches, not benchmarked, on which Sequoia's acceptance vector is measured (default: 2)",
     )
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="sampling temperatures (default: 0 1)")
@@ -90,14 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-batches", type=int, default=8, help="prompt batches every method decodes (default: 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch, after an untimed one (default: 3)")
     parser.add_argument(
-        "--prompts-jsonl", metavar="FILE",
+        "--prompts-jsonl",
+        metavar="FILE",
         help="prompts from a Spec-Bench-style JSONL (category, turns) instead of the held-out code snippets",
     )
     parser.add_argument(
-        "--per-category", type=int, default=None,
+        "--per-category",
+        type=int,
+        default=None,
         help="prompts per category of the JSONL (default: 3 with a chat target, else 2)",
     )
     parser.add_argument("--plots", metavar="DIR", help="also write speedup.png and acceptance.png here")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32"],
+        help="parameter and activation dtypes, in order (default: float32); every dtype after the first runs AR and "
+        "sampling-verifier chains of --secondary-ks only, on --secondary-per-category prompts per category",
+    )
+    parser.add_argument("--secondary-per-category", type=int, default=1, help="see --dtypes (default: 1)")
+    parser.add_argument(
+        "--secondary-ks", type=int, nargs="+", default=None, help="chain lengths of the later dtypes (default: the first --ks)"
+    )
+    parser.add_argument(
+        "--hf-compare",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also run transformers' greedy and assisted generation (Chain(K)) against jspec on the same prompts and "
+        "weights, per dtype, at temperature 0 (SmolLM2; the hf extra)",
+    )
+    parser.add_argument("--hf-per-category", type=int, default=1, help="prompts per category of --hf-compare (default: 1)")
     return parser
 
 
@@ -161,8 +197,11 @@ class Measured:
         width = max(len(self.at_least), len(other.at_least))
         pad = lambda t: tuple(t) + (0,) * (width - len(t))  # noqa: E731
         return Measured(
-            self.seconds + other.seconds, self.tokens + other.tokens, self.emitted + other.emitted,
-            self.passes + other.passes, self.rows + other.rows,
+            self.seconds + other.seconds,
+            self.tokens + other.tokens,
+            self.emitted + other.emitted,
+            self.passes + other.passes,
+            self.rows + other.rows,
             tuple(a + b for a, b in zip(pad(self.at_least), pad(other.at_least))),
         )
 
@@ -175,23 +214,37 @@ def rounds_at_least(emitted_per_round: np.ndarray) -> tuple[int, ...]:
     return tuple(int(np.sum(emitted >= i)) for i in range(1, top + 1))
 
 
-def measure(fn: Callable, batches: list, repeats: int) -> Measured:
-    """fn(batch) on every batch (a prompts array or a `Batch`): an untimed call, then the median of
-    `repeats` timed calls each."""
+def measure(fn: Callable, batches: list, repeats: int, compiled: set | None = None) -> Measured:
+    """fn(batch) on every batch (a prompts array or a `Batch`): the median of `repeats` timed calls
+    each, after an untimed call that compiles the batch's shape (once per shape in `compiled`, a set
+    shared by the calls that reuse the same programs; None: before every batch)."""
     total = Measured(0.0, 0, 0, 0, 0)
     for batch in batches:
-        times, output = time_calls(lambda: fn(batch), repeats)
+        if compiled is None or batch.shape not in compiled:
+            jax.block_until_ready(fn(batch))
+            if compiled is not None:
+                compiled.add(batch.shape)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            output = jax.block_until_ready(fn(batch))
+            times.append(time.perf_counter() - start)
         total = total + Measured(
-            statistics.median(times), int(np.sum(output.lengths)), int(np.sum(output.stats.emitted_per_round)),
-            int(np.sum(output.stats.target_passes)), batch.shape[0], rounds_at_least(output.stats.emitted_per_round),
+            statistics.median(times),
+            int(np.sum(output.lengths)),
+            int(np.sum(output.stats.emitted_per_round)),
+            int(np.sum(output.stats.target_passes)),
+            batch.shape[0],
+            rounds_at_least(output.stats.emitted_per_round),
         )
     return total
 
 
 def measure_by_category(fn: Callable[[Batch], jspec.Output], batches: list[Batch], repeats: int) -> dict[str, Measured]:
-    """`measure` per category, in the batches' order."""
+    """`measure` per category, in the batches' order; each shape compiles once."""
     categories = list(dict.fromkeys(b.category for b in batches))
-    return {c: measure(fn, [b for b in batches if b.category == c], repeats) for c in categories}
+    compiled: set = set()
+    return {c: measure(fn, [b for b in batches if b.category == c], repeats, compiled) for c in categories}
 
 
 def total(by_category: dict[str, Measured]) -> Measured:
@@ -202,8 +255,13 @@ def total(by_category: dict[str, Measured]) -> Measured:
 
 
 def make_record(
-    method: Method | None, temperature: float, measured: Measured, ar_tokens_per_s: float | None,
-    costs: dict[str, float], t_draft_round: float | None, context: dict,
+    method: Method | None,
+    temperature: float,
+    measured: Measured,
+    ar_tokens_per_s: float | None,
+    costs: dict[str, float],
+    t_draft_round: float | None,
+    context: dict,
 ) -> dict:
     """One JSON record; method None is the AR run itself (speedup 1 by definition)."""
     tokens_per_s = measured.tokens / measured.seconds
@@ -363,12 +421,19 @@ def _padded(rows: list[list[int]], category: str, vocab_size: int, parser) -> Ba
 
 
 def chat_batches(tokenizer, by_category: dict[str, list[str]], batch_size: int, vocab_size: int, parser) -> list[Batch]:
-    """Each text as a user message in the chat template, at its own length, batched within categories."""
+    """Each text as a user message in the chat template, at its own length, batched within categories.
+
+    Widths are padded to a power of two (at least 64; the padding is never attended to, each row
+    decodes at its own length) so that a handful of compiled programs serve every prompt length.
+    """
     batches = []
     for category, texts in by_category.items():
         rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         for start in range(0, len(rows), batch_size):
-            batches.append(_padded(rows[start : start + batch_size], category, vocab_size, parser))
+            batch = _padded(rows[start : start + batch_size], category, vocab_size, parser)
+            width = max(64, 1 << (batch.prompts.shape[1] - 1).bit_length())
+            prompts = jax.numpy.pad(batch.prompts, ((0, 0), (0, width - batch.prompts.shape[1])))
+            batches.append(dataclasses.replace(batch, prompts=prompts))
     return batches
 
 
@@ -388,7 +453,9 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
         )
     tokenizer = text_tokenizer(args)
     if tokenizer is None:
-        parser.error("--prompts-jsonl needs a tokenizer: a chat target, the code models, or a Hugging Face --target with tokenizer.json")
+        parser.error(
+            "--prompts-jsonl needs a tokenizer: a chat target, the code models, or a Hugging Face --target with tokenizer.json"
+        )
     by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
     batches = []
     for category, texts in by_category.items():
@@ -424,23 +491,97 @@ def sequoia_acceptance(target, drafter, batches, sampling, seed, max_new_tokens)
         if width not in cache:
             vectors = [
                 measure_acceptance(
-                    target, drafter, prompts, width=width, sampling=sampling, rng=jax.random.key(seed + i),
+                    target,
+                    drafter,
+                    prompts,
+                    width=width,
+                    sampling=sampling,
+                    rng=jax.random.key(seed + i),
                     max_new_tokens=max_new_tokens,
                 )
                 for i, prompts in enumerate(batches)
             ]
             cache[width] = tuple(float(x) for x in np.mean(vectors, axis=0))
-            print(f"sequoia acceptance vector (T={sampling.temperature:g}, width {width}): "
-                  + " ".join(f"{x:.3f}" for x in cache[width]))
+            print(
+                f"sequoia acceptance vector (T={sampling.temperature:g}, width {width}): "
+                + " ".join(f"{x:.3f}" for x in cache[width])
+            )
         return cache[width]
 
     return acceptance
+
+
+def run_methods(target, drafter, batches, calibration, chains, costs_for, args, context, eos_id, progress) -> list[dict]:
+    """AR and every method at every temperature on `batches`; one record per (method, temperature)."""
+    rng = jax.random.key(args.seed)
+    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    sizes = [m.nodes for m in chains] + list(args.node_budgets if context["trees"] else [])
+    # Costs are measured after the median prompt, with the decode loop's cache size for the largest
+    # round (bucketed as decoding buckets it), so attention spans as many slots as in decoding.
+    cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + max(sizes) + 1
+    costs = costs_for(target, drafter, typical, sizes, cache_size)
+    print(
+        f"costs ({context['dtype']}, median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items())
+    )
+    records = []
+    for temperature in args.temperatures:
+        sampling = jspec.Sampling(temperature=temperature)
+        methods = [m for m in chains if not (m.verifier == "greedy" and not sampling.greedy)]  # greedy: T=0 only
+        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng, eos_id=eos_id)
+        progress.set_postfix_str(f"{context['dtype']} T={temperature:g} ar")
+        ar_by_category = measure_by_category(
+            lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
+        )
+        ar = make_record(None, temperature, total(ar_by_category), None, costs, None, context)
+        ar["by_category"] = category_records(ar_by_category, None, True)
+        records.append(ar)
+        progress.update()
+        if context["trees"] and args.node_budgets and args.trees:
+            uses_sequoia = "sequoia" in args.trees and calibration
+            acceptance = (
+                sequoia_acceptance(target, drafter, calibration, sampling, args.seed, args.max_new_tokens)
+                if uses_sequoia
+                else None
+            )
+            methods = methods + [tree_method(name, n, acceptance) for n in args.node_budgets for name in args.trees]
+        for method in methods:
+            progress.set_postfix_str(f"{context['dtype']} T={temperature:g} {method.name}")
+            by_category = measure_by_category(
+                lambda b: jspec.speculative_generate(
+                    target, drafter, b.prompts, prompt_lengths=b.lengths, strategy=method.strategy, **common
+                ),
+                batches,
+                args.repeats,
+            )
+            t_draft_round = draft_round_seconds(method.strategy, drafter, typical, cache_size, sampling)
+            record = make_record(method, temperature, total(by_category), ar["tokens_per_s"], costs, t_draft_round, context)
+            record["by_category"] = category_records(by_category, ar_by_category, False)
+            records.append(record)
+            tqdm.write(markdown_table([record]).splitlines()[-1])
+            progress.update()
+            # Each method's programs are used once: drop them, or the XLA:CPU code mappings of ~60
+            # methods pass Linux's 65,530 maps per process and compilation aborts.
+            jax.clear_caches()
+    return records
+
+
+def first_per_category(batches: list[Batch], n: int) -> list[Batch]:
+    """The first n batches of each category."""
+    seen: dict[str, int] = {}
+    out = []
+    for b in batches:
+        if seen.get(b.category, 0) < n:
+            out.append(b)
+            seen[b.category] = seen.get(b.category, 0) + 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, write --json and print the table. Returns the records."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dtype is not None:
+        parser.error("infer.bench takes --dtypes (a list), not --dtype")
     target, drafter, description = models_from_args(parser, args)
     for budget in args.node_budgets:
         try:
@@ -471,13 +612,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batches = [Batch(p, jax.numpy.full((p.shape[0],), p.shape[1], jax.numpy.int32), "code") for p in code]
         calibration_note = f" (the last {n_calibration} calibrate Sequoia only)"
     eos_id = None if chat is None else chat.eos_id
-    rng = jax.random.key(args.seed)
-    context = {
+    base_context = {
         "batch_size": args.batch_size,
         "prompt_batches": args.prompt_batches,
         "prompt_len": args.prompt_len if chat is None else None,
         "max_new_tokens": args.max_new_tokens,
-        "dtype": target.config.param_dtype,
         "eos_id": eos_id,
         "repeats": args.repeats,
         "models": description,
@@ -485,67 +624,77 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "machine": machine(),
     }
     print(description)
-    print(context["prompts"])
-    print(f"machine: {context['machine']}")
+    print(base_context["prompts"])
+    print(f"machine: {base_context['machine']}")
 
     chains = [chain_method(k, v) for v in args.verifiers for k in args.ks]
-    chains += [chain_method(n - 1, "sampling") for n in args.node_budgets if n - 1 not in args.ks or "sampling" not in args.verifiers]
-    sizes = [m.nodes for m in chains] + list(args.node_budgets)
-    # Costs are measured after the median prompt, with the decode loop's cache size for the largest
-    # round (bucketed as decoding buckets it), so attention spans as many slots as in decoding.
-    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
-    cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + max(sizes) + 1
-    costs = forward_costs(target, drafter, typical, sizes, cache_size)
-    print("costs (median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items()))
-
-    records = []
-    plan = []  # (temperature, methods) in run order, for the progress bar
-    for temperature in args.temperatures:
-        greedy = jspec.Sampling(temperature=temperature).greedy
-        plan.append([m for m in chains if not (m.verifier == "greedy" and not greedy)])  # greedy: T=0 only
-    n_runs = sum(len(m) + 1 + len(args.node_budgets) * len(args.trees) for m in plan)
+    chains += [
+        chain_method(n - 1, "sampling") for n in args.node_budgets if n - 1 not in args.ks or "sampling" not in args.verifiers
+    ]
+    secondary_chains = [chain_method(k, "sampling") for k in args.secondary_ks or args.ks[:1]]
+    plan = []  # (dtype, batches, chains, trees?) in run order
+    for i, dtype in enumerate(args.dtypes):
+        if i == 0:
+            plan.append((dtype, batches, chains, True))
+        else:  # the later dtypes: a reduced run (see --secondary-per-category)
+            plan.append((dtype, first_per_category(batches, args.secondary_per_category), secondary_chains, False))
+    n_runs = sum(
+        len(args.temperatures) * (1 + len(c) + (len(args.node_budgets) * len(args.trees) if trees else 0))
+        for _, _, c, trees in plan
+    )
     progress = tqdm(total=n_runs, desc="infer.bench", unit="method")
-    for temperature, methods in zip(args.temperatures, plan):
-        sampling = jspec.Sampling(temperature=temperature)
-        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng, eos_id=eos_id)
-        ar_by_category = measure_by_category(
-            lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
-        )
-        ar = make_record(None, temperature, total(ar_by_category), None, costs, None, context)
-        ar["by_category"] = category_records(ar_by_category, None, True)
-        records.append(ar)
-        progress.update()
-        acceptance = sequoia_acceptance(target, drafter, calibration, sampling, args.seed, args.max_new_tokens) if n_calibration else None
-        methods = methods + [tree_method(name, n, acceptance) for n in args.node_budgets for name in args.trees]
-        for method in methods:
-            progress.set_postfix_str(f"T={temperature:g} {method.name}")
-            by_category = measure_by_category(
-                lambda b: jspec.speculative_generate(
-                    target, drafter, b.prompts, prompt_lengths=b.lengths, strategy=method.strategy, **common
-                ),
-                batches, args.repeats,
-            )
-            t_draft_round = draft_round_seconds(method.strategy, drafter, typical, cache_size, sampling)
-            record = make_record(method, temperature, total(by_category), ar["tokens_per_s"], costs, t_draft_round, context)
-            record["by_category"] = category_records(by_category, ar_by_category, False)
-            records.append(record)
-            tqdm.write(markdown_table([record]).splitlines()[-1])
-            progress.update()
-            # Each method's programs are used once: drop them, or the XLA:CPU code mappings of ~60
-            # methods pass Linux's 65,530 maps per process and compilation aborts.
+    records, head_to_head = [], []
+    for dtype, dtype_batches, dtype_chains, trees in plan:
+        t, d = (target, drafter) if dtype == target.config.param_dtype else (cast(target, dtype), cast(drafter, dtype))
+        context = {**base_context, "dtype": dtype, "trees": trees, "rows": sum(b.prompts.shape[0] for b in dtype_batches)}
+        records += run_methods(t, d, dtype_batches, calibration, dtype_chains, forward_costs, args, context, eos_id, progress)
+        if args.hf_compare:
+            head_to_head.append(hf_head_to_head(args, dtype, dtype_batches, eos_id))
             jax.clear_caches()
     progress.close()
 
     with open(args.json, "w") as f:
         json.dump(records, f, indent=2)
+    if head_to_head:
+        hf_path = os.path.splitext(args.json)[0] + "_hf.json"
+        with open(hf_path, "w") as f:
+            json.dump(head_to_head, f, indent=2)
+        print(f"wrote the Hugging Face head-to-head to {hf_path}")
     print(markdown_table(records))
     if len(records[0]["by_category"]) > 1:
         print("\nspeedup over AR by prompt category:")
         print(category_table(records))
+    for result in head_to_head:
+        print(f"\nHugging Face head-to-head ({result['dtype']}, k={result['k']}, {result['rows']} prompts):")
+        print_hf_table(result)
     if args.plots:
         print("plots: " + ", ".join(write_plots(records, args.plots)))
     print(f"wrote {len(records)} records to {args.json}")
     return records
+
+
+def hf_head_to_head(args, dtype: str, batches: list[Batch], eos_id: int | None) -> dict:
+    """transformers' greedy and assisted generation against jspec on the same prompts and weights
+    (`infer.hf_compare.head_to_head`), at temperature 0 with Chain(--hf-compare)."""
+    from infer import hf_compare
+
+    if args.target != "smollm2-135m":
+        raise SystemExit("--hf-compare runs with the default SmolLM2 target and drafter")
+    target, drafter = hf_compare.smollm2_pair()
+    chosen = first_per_category(batches, args.hf_per_category)
+    rows = [np.asarray(b.prompts[i, : int(b.lengths[i])]) for b in chosen for i in range(b.prompts.shape[0])]
+    result = hf_compare.head_to_head(
+        target, drafter, rows, k=args.hf_compare, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+        repeats=args.repeats, dtype=dtype,
+    )  # fmt: skip
+    result.update(rows=len(rows), machine=hf_compare.versions())
+    return result
+
+
+def print_hf_table(result: dict) -> None:
+    from infer import hf_compare
+
+    hf_compare.print_table(result)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,18 @@ DEFAULT_PROMPT = "Explain what a Python dictionary is and show a short example o
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message, chat targets (default: a question about dicts)")
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="the user message, chat targets (default: a question about dicts)"
+    )
     parser.add_argument("--interactive", action="store_true", help="chat in a loop, streaming each speculative answer")
     parser.add_argument("--k", type=int, default=5, help="draft tokens per round (default: 5)")
-    parser.add_argument("--verifier", choices=sorted(CHAIN_VERIFIERS), default="sampling", help="chain verifier (default: sampling)")
     parser.add_argument(
-        "--tree", choices=TREE_METHODS, default=None,
+        "--verifier", choices=sorted(CHAIN_VERIFIERS), default="sampling", help="chain verifier (default: sampling)"
+    )
+    parser.add_argument(
+        "--tree",
+        choices=TREE_METHODS,
+        default=None,
         help="decode with this token-tree method (infer/methods.py) instead of Chain(--k) (default: the chain)",
     )
     parser.add_argument("--nodes", type=int, default=9, help="the tree's node budget, tokens scored per round (default: 9)")
@@ -77,8 +83,8 @@ class StreamPrinter:
     across tokens appear whole.
     """
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.reset()
 
     def reset(self) -> None:
@@ -176,7 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"----- assistant ({title}) -----\n{chat.decode(_valid_tokens(output, 0), skip_special_tokens=True)}")
         print("-----")
     elif (tokenizer := text_tokenizer(args)) is not None:
-        for title, tokens in (("prompt", np.asarray(prompts[0]).tolist()), ("AR", _valid_tokens(ar, 0)), ("speculative", _valid_tokens(spec, 0))):
+        for title, tokens in (
+            ("prompt", np.asarray(prompts[0]).tolist()),
+            ("AR", _valid_tokens(ar, 0)),
+            ("speculative", _valid_tokens(spec, 0)),
+        ):
             print(f"----- row 0, {title} -----\n{tokenizer.decode(tokens)}")
         print("-----")
     else:

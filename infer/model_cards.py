@@ -1,4 +1,6 @@
-"""Measure the bundled demo models and write their model cards (jspec/demo/cards/NAME.md).
+"""Measure the bundled code models and write their model cards (jspec/demo/cards/NAME.md).
+
+SmolLM2's cards are written by `python -m train.smollm2_drafter --export` (infer/smollm2_card.py).
 
     python -m infer.model_cards [--json docs/demo_models.json]
 
@@ -62,7 +64,7 @@ def measure(args) -> dict:
     loss_batches = eval_batches(held_stream, 16, 256, args.eval_batches)
     alpha_windows = [b[:, :-1] for b in loss_batches[: args.alpha_batches]]
     prompts = demo.encode_prompts(demo.prompts()[: args.prompts], args.prompt_len)
-    models = {name: demo.load(name) for name in demo.MODELS}
+    models = {name: demo.load(name) for name in demo.CODE_MODELS}
     target = models["target"]
 
     results = {
@@ -71,14 +73,22 @@ def measure(args) -> dict:
         "held_out_files": len(held_docs),
         "loss_tokens": int(sum(b[:, 1:].size for b in loss_batches)),
         "alpha_tokens": int(sum(w.size for w in alpha_windows)),
-        "prompts": args.prompts, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-        "k": args.k, "repeats": args.repeats, "models": {},
+        "prompts": args.prompts,
+        "prompt_len": args.prompt_len,
+        "max_new_tokens": args.max_new_tokens,
+        "k": args.k,
+        "repeats": args.repeats,
+        "models": {},
     }
     for name, model in models.items():
         loss, covered = evaluate_covered(model, loss_batches)
-        row = {"parameters": parameter_count(model), "held_out_loss": loss, "held_out_ppl": math.exp(loss),
-               "held_out_covered": covered,
-               "weights_read_per_token": weights_read_per_token(model)}
+        row = {
+            "parameters": parameter_count(model),
+            "held_out_loss": loss,
+            "held_out_ppl": math.exp(loss),
+            "held_out_covered": covered,
+            "weights_read_per_token": weights_read_per_token(model),
+        }
         results["models"][name] = row
         print(f"{name}: {row}", flush=True)
     for t in (0.0, 1.0):
@@ -92,16 +102,26 @@ def measure(args) -> dict:
             row[f"tokens_per_s_t{t:g}"] = spec["tokens_per_s"]
             row[f"speedup_t{t:g}"] = spec["tokens_per_s"] / ar["tokens_per_s"]
             row[f"mbsu_t{t:g}"] = memory_bound_speedup(spec["tau"], args.k, models[name], target)
-            print(f"T={t:g} {name}: alpha {row[f'alpha_t{t:g}']:.3f} tau {spec['tau']:.2f} "
-                  f"{spec['tokens_per_s']:.1f} tok/s vs AR {ar['tokens_per_s']:.1f} -> {row[f'speedup_t{t:g}']:.2f}x", flush=True)
+            print(
+                f"T={t:g} {name}: alpha {row[f'alpha_t{t:g}']:.3f} tau {spec['tau']:.2f} "
+                f"{spec['tokens_per_s']:.1f} tok/s vs AR {ar['tokens_per_s']:.1f} -> {row[f'speedup_t{t:g}']:.2f}x",
+                flush=True,
+            )
     return results
 
 
 def _config_table(config: jspec.models.ModelConfig, parameters: int) -> str:
-    rows = [("parameters", f"{parameters:,}"), ("layers", config.n_layers), ("d_model", config.d_model),
-            ("heads / kv heads", f"{config.n_heads} / {config.n_kv_heads}"), ("d_ff", config.d_ff),
-            ("vocabulary", config.vocab_size), ("output head tokens", config.head_tokens or config.vocab_size),
-            ("max_seq_len", config.max_seq_len), ("tied embeddings", config.tie_embeddings)]
+    rows = [
+        ("parameters", f"{parameters:,}"),
+        ("layers", config.n_layers),
+        ("d_model", config.d_model),
+        ("heads / kv heads", f"{config.n_heads} / {config.n_kv_heads}"),
+        ("d_ff", config.d_ff),
+        ("vocabulary", config.vocab_size),
+        ("output head tokens", config.head_tokens or config.vocab_size),
+        ("max_seq_len", config.max_seq_len),
+        ("tied embeddings", config.tie_embeddings),
+    ]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
@@ -109,19 +129,23 @@ def _tokens_seen(summary: dict) -> str:
     train = summary.get("train_config")
     if not train:
         return "none (no gradient steps: the head is sliced from the distilled drafter)"
-    return f"{train['steps'] * train['batch_size'] * train['seq_len']:,} ({train['steps']} steps x {train['batch_size']} x {train['seq_len']})"
+    steps, batch, length = train["steps"], train["batch_size"], train["seq_len"]
+    return f"{steps * batch * length:,} ({steps} steps x {batch} x {length})"
 
 
 def bench_section(records: list[dict], path: str) -> list[str]:
     """The target card's summary of an `infer.bench` run (its JSON records)."""
     first = records[0]
     return [
-        "", "## infer.bench", "",
+        "",
+        "## infer.bench",
+        "",
         f"`python -m infer.bench --json {path}` on {first['machine']}: {first['models'].splitlines()[-1]}; "
         f"{first['prompts'].removeprefix('prompts: ')}; {first['max_new_tokens']} new tokens; speedup over "
         "autoregressive decoding in the same process; nodes = tokens the target scores per round; theoretical = "
         "tau x t_target(1) / (t_draft_round + t_target(nodes)) from the measured costs (docs/benchmarks.md).",
-        "", bench.markdown_table(records),
+        "",
+        bench.markdown_table(records),
     ]
 
 
@@ -147,16 +171,24 @@ def write_card(name: str, results: dict, training: dict, path: str, bench_record
     ]
     if "distill_config" in summary:
         d = summary["distill_config"]
-        lines.append(f"- Distillation: divergence {d['divergence']}, data `{d['data']}` (sequences sampled at temperature "
-                     f"{d['temperature']:g} after {d['prompt_len']}-token corpus prompts), from `drafter`.")
+        lines.append(
+            f"- Distillation: divergence {d['divergence']}, data `{d['data']}` (sequences sampled at temperature "
+            f"{d['temperature']:g} after {d['prompt_len']}-token corpus prompts), from `drafter`."
+        )
     if "keep" in summary:
-        lines.append(f"- Vocabulary trimming: kept {summary['keep']} of {summary['vocab_size']} output tokens, the most frequent "
-                     f"in the target's own generations (covering {summary['coverage']:.1%} of them); the token map is stored "
-                     "in the checkpoint and drafting scatters q back to the full vocabulary, so verification stays exact.")
+        lines.append(
+            f"- Vocabulary trimming: kept {summary['keep']} of {summary['vocab_size']} output tokens, the most frequent "
+            f"in the target's own generations (covering {summary['coverage']:.1%} of them); the token map is stored "
+            "in the checkpoint and drafting scatters q back to the full vocabulary, so verification stays exact."
+        )
     if summary.get("seconds_this_run"):
         lines.append(f"- Training time: {summary['seconds_this_run'] / 60:.0f} min on {results['machine'].split(';')[0]}.")
-    lines += ["- Command (from the repository root; the whole recipe is `python -m train.demo_models`):", "",
-              f"      {training[name]['command']}", ""]
+    lines += [
+        "- Command (from the repository root; the whole recipe is `python -m train.demo_models`):",
+        "",
+        f"      {training[name]['command']}",
+        "",
+    ]
     lines += [
         "## Measured",
         "",
@@ -171,8 +203,10 @@ def write_card(name: str, results: dict, training: dict, path: str, bench_record
             "the others probability 0 (infinite loss), which speculative decoding repairs by resampling from the target."
         )
     if name == "target":
-        lines.append(f"- Autoregressive decoding, batch 1: {row['ar_tokens_per_s_t0']:.1f} tokens/s at T=0, "
-                     f"{row['ar_tokens_per_s_t1']:.1f} at T=1.")
+        lines.append(
+            f"- Autoregressive decoding, batch 1: {row['ar_tokens_per_s_t0']:.1f} tokens/s at T=0, "
+            f"{row['ar_tokens_per_s_t1']:.1f} at T=1."
+        )
         if bench_records is not None:
             lines += bench_section(bench_records[1], bench_records[0])
     else:
@@ -187,21 +221,36 @@ def write_card(name: str, results: dict, training: dict, path: str, bench_record
             "|---|---|---|---|---|---|",
         ]
         for t in ("0", "1"):
-            lines.append(f"| {t} | {row[f'alpha_t{t}']:.3f} | {row[f'tau_t{t}']:.2f} | {row[f'tokens_per_s_t{t}']:.1f} | "
-                         f"{row[f'speedup_t{t}']:.2f}x | {row[f'mbsu_t{t}']:.2f}x |")
-        lines += ["", f"alpha over {results['alpha_tokens']:,} held-out positions; tau = tokens per target pass; MBSU = "
-                  "memory-bound speedup from weights read per token (methods.md)."]
+            lines.append(
+                f"| {t} | {row[f'alpha_t{t}']:.3f} | {row[f'tau_t{t}']:.2f} | {row[f'tokens_per_s_t{t}']:.1f} | "
+                f"{row[f'speedup_t{t}']:.2f}x | {row[f'mbsu_t{t}']:.2f}x |"
+            )
+        lines += [
+            "",
+            f"alpha over {results['alpha_tokens']:,} held-out positions; tau = tokens per target pass; MBSU = "
+            "memory-bound speedup from weights read per token (methods.md).",
+        ]
         if name == "drafter-trimmed":
-            ratio = {t: row[f"tokens_per_s_t{t}"] / results["models"]["drafter-distilled"][f"tokens_per_s_t{t}"] for t in ("0", "1")}
-            lines += ["", f"Against the untrimmed (distilled) drafter in the same measurement: {ratio['0']:.2f}x its tokens/s at "
-                      f"T=0, {ratio['1']:.2f}x at T=1; MBSU {row['mbsu_t0'] / results['models']['drafter-distilled']['mbsu_t0']:.2f}x "
-                      "its MBSU at T=0."]
+            ratio = {
+                t: row[f"tokens_per_s_t{t}"] / results["models"]["drafter-distilled"][f"tokens_per_s_t{t}"] for t in ("0", "1")
+            }
+            lines += [
+                "",
+                f"Against the untrimmed (distilled) drafter in the same measurement: {ratio['0']:.2f}x its tokens/s at "
+                f"T=0, {ratio['1']:.2f}x at T=1; MBSU {row['mbsu_t0'] / results['models']['drafter-distilled']['mbsu_t0']:.2f}x "
+                "its MBSU at T=0.",
+            ]
         if "before" in summary:
             b, a = summary["before"], summary.get("after", {})
-            lines += ["", "Distillation, as reported by `train.distill` on its own held-out measurement (k=4, 16 prompts):", "",
-                      "| | alpha T=0 | alpha T=1 | tau T=0 | tau T=1 |", "|---|---|---|---|---|",
-                      f"| before | {b['alpha_t0']:.3f} | {b['alpha_t1']:.3f} | {b['tau_t0']:.2f} | {b['tau_t1']:.2f} |",
-                      f"| after | {a['alpha_t0']:.3f} | {a['alpha_t1']:.3f} | {a['tau_t0']:.2f} | {a['tau_t1']:.2f} |"]
+            lines += [
+                "",
+                "Distillation, as reported by `train.distill` on its own held-out measurement (k=4, 16 prompts):",
+                "",
+                "| | alpha T=0 | alpha T=1 | tau T=0 | tau T=1 |",
+                "|---|---|---|---|---|",
+                f"| before | {b['alpha_t0']:.3f} | {b['alpha_t1']:.3f} | {b['tau_t0']:.2f} | {b['tau_t1']:.2f} |",
+                f"| after | {a['alpha_t0']:.3f} | {a['alpha_t1']:.3f} | {a['tau_t0']:.2f} | {a['tau_t1']:.2f} |",
+            ]
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -218,8 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches (16 x 256 tokens) of the loss")
     p.add_argument("--alpha-batches", type=int, default=4, help="of those, the batches alpha is measured on")
-    p.add_argument("--bench", default="docs/bench_cpu_demo.json",
-                   help="an `infer.bench --json` file summarised in the target's card, if it exists")
+    p.add_argument(
+        "--bench",
+        default="docs/bench_cpu_demo.json",
+        help="an `infer.bench --json` file summarised in the target's card, if it exists",
+    )
     p.add_argument("--cards-only", action="store_true", help="measure nothing: rewrite the cards from --json")
     args = p.parse_args(argv)
     if args.cards_only:
@@ -236,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.bench) as f:
             bench_records = (args.bench, json.load(f))
     os.makedirs(args.cards, exist_ok=True)
-    for name in demo.MODELS:
+    for name in demo.CODE_MODELS:
         write_card(name, results, training, os.path.join(args.cards, f"{name}.md"), bench_records)
-    print(f"wrote {args.json} and {len(demo.MODELS)} cards in {args.cards}")
+    print(f"wrote {args.json} and {len(demo.CODE_MODELS)} cards in {args.cards}")
     return results
 
 

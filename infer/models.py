@@ -62,7 +62,13 @@ PRESETS: dict[str, Preset] = {
     # For tests: compiles in seconds.
     "tiny": Preset(
         ModelConfig(
-            vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=512,
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=2,
+            d_ff=64,
+            max_seq_len=512,
             tie_embeddings=False,
         ),
         drafter_layers=1,
@@ -72,7 +78,13 @@ PRESETS: dict[str, Preset] = {
     # as well but takes the default bench well past 2 minutes.
     "small": Preset(
         ModelConfig(
-            vocab_size=2048, d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, d_ff=1024, max_seq_len=1024,
+            vocab_size=2048,
+            d_model=384,
+            n_layers=8,
+            n_heads=6,
+            n_kv_heads=6,
+            d_ff=1024,
+            max_seq_len=1024,
             tie_embeddings=False,
         ),
         drafter_layers=1,
@@ -128,13 +140,15 @@ def random_models(seed: int = 0, preset: str = "small") -> tuple[Transformer, Tr
     target = random_target(chosen, seed)
     drafter = truncated_drafter(target, chosen.drafter_layers)
     n, total = chosen.drafter_layers, target.config.n_layers
-    description = "\n".join([
-        RANDOM_MODELS_NOTE,
-        f"target: preset {preset!r} ({_describe_config(target.config)}), seed {seed}; weight matrices of "
-        f"{_blocks(0, n)} and lm_head x{KEPT_SCALE:g}, of {_blocks(n, total)} x{SKIPPED_SCALE:g}",
-        f"drafter: layer-truncated self-drafter, the target's embedding, {_blocks(0, n)}, final norm and lm_head "
-        f"({_describe_config(drafter.config)})",
-    ])
+    description = "\n".join(
+        [
+            RANDOM_MODELS_NOTE,
+            f"target: preset {preset!r} ({_describe_config(target.config)}), seed {seed}; weight matrices of "
+            f"{_blocks(0, n)} and lm_head x{KEPT_SCALE:g}, of {_blocks(n, total)} x{SKIPPED_SCALE:g}",
+            f"drafter: layer-truncated self-drafter, the target's embedding, {_blocks(0, n)}, final norm and lm_head "
+            f"({_describe_config(drafter.config)})",
+        ]
+    )
     return target, drafter, description
 
 
@@ -164,11 +178,13 @@ def loaded_models(target_path: str, drafter_path: str, dtype: str | None = None)
         first = DEMO_MODELS_NOTE
     else:
         first = "models: checkpoints"
-    description = "\n".join([
-        first,
-        f"target: {target_path} ({_describe_config(target.config)})",
-        f"drafter: {drafter_path} ({_describe_config(drafter.config)})",
-    ])
+    description = "\n".join(
+        [
+            first,
+            f"target: {target_path} ({_describe_config(target.config)})",
+            f"drafter: {drafter_path} ({_describe_config(drafter.config)})",
+        ]
+    )
     return target, drafter, description
 
 
@@ -180,18 +196,23 @@ def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and prompt flags both demo scripts share."""
     parser.add_argument(
-        "--target", metavar="NAME|PATH", default=demo.SMOLLM2,
+        "--target",
+        metavar="NAME|PATH",
+        default=demo.SMOLLM2,
         help=f"target: a demo model ({', '.join(DEMO_TARGETS)}), a GGUF file, a jspec checkpoint or a Hugging Face "
         f"directory (default: {demo.SMOLLM2})",
     )
     parser.add_argument(
-        "--drafter", metavar="NAME|PATH",
+        "--drafter",
+        metavar="NAME|PATH",
         help="drafter: a demo drafter's name or a path as --target (default: the demo target's own drafter, "
         f"{DEMO_DRAFTER[demo.SMOLLM2]} or {DEMO_DRAFTER['target']})",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="random-init models of this size instead")
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default=None,
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
         help="parameter and activation dtype of both models (default: their own, float32 for the demo models)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random models, prompts and sampling (default: 0)")
@@ -274,7 +295,9 @@ def prompt_batches(
                 f"got {args.batch_size} x {n_batches}"
             )
         batches = [
-            jax.numpy.asarray(demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len, tokenizer))
+            jax.numpy.asarray(
+                demo.encode_prompts(texts[i * args.batch_size : (i + 1) * args.batch_size], args.prompt_len, tokenizer)
+            )
             for i in range(n_batches)
         ]
         source = "(jspec.demo.prompts)" if own else f"encoded with {args.target}/tokenizer.json"
@@ -283,4 +306,7 @@ def prompt_batches(
             f"snippet(s) {source}, {n_batches} batch(es) of {args.batch_size}"
         )
     batches = [random_prompts(vocab_size, args.batch_size, args.prompt_len, args.seed + i) for i in range(n_batches)]
-    return batches, f"prompts: {n_batches} batch(es) of {args.batch_size} x {args.prompt_len} random token ids (seeds {args.seed}..)"
+    return (
+        batches,
+        f"prompts: {n_batches} batch(es) of {args.batch_size} x {args.prompt_len} random token ids (seeds {args.seed}..)",
+    )

@@ -102,8 +102,14 @@ def _draft_loop(graph, state, cache: KVCache, last: jax.Array, key: jax.Array, s
 
 
 def draft_round_seconds(
-    strategy, drafter: Transformer, prompts: jax.Array, cache_size: int, sampling: Sampling,
-    *, passes: int = 16, runs: int = 5,
+    strategy,
+    drafter: Transformer,
+    prompts: jax.Array,
+    cache_size: int,
+    sampling: Sampling,
+    *,
+    passes: int = 16,
+    runs: int = 5,
 ) -> float:
     """Seconds the drafter spends per round of `strategy` (a `jspec.Chain` or a tree strategy): its
     catch-up step and every drafting call, after `prompts` were prefilled; median over `runs`

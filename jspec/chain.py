@@ -75,9 +75,7 @@ class Chain:
     def check(self, sampling: Sampling) -> None:
         """Reject combinations that would not be lossless (a lossy rule, asked for, runs at any temperature)."""
         if self.verifier == "greedy" and not sampling.greedy:
-            raise ValueError(
-                f"verifier 'greedy' is only lossless at temperature 0, got temperature={sampling.temperature}"
-            )
+            raise ValueError(f"verifier 'greedy' is only lossless at temperature 0, got temperature={sampling.temperature}")
 
 
 @jax.tree_util.register_dataclass
@@ -91,9 +89,7 @@ class ChainCarry:
     last: jax.Array
 
 
-def drafter_catch_up(
-    drafter: Transformer, cache: KVCache, prev: jax.Array, last: jax.Array
-) -> tuple[jax.Array, KVCache]:
+def drafter_catch_up(drafter: Transformer, cache: KVCache, prev: jax.Array, last: jax.Array) -> tuple[jax.Array, KVCache]:
     """Feed `[prev, last]` (int32 `[B]` each) to the drafter, whose cache holds `seq[:-2]`.
 
     Returns the drafter's logits after `last` `[B, V]` (the distribution of the first draft) and
@@ -202,9 +198,7 @@ def chain_round(
         drafter, carry.drafter_cache, carry.prev, carry.last, strategy.k, sampling, key_draft
     )
     # A lossy rule may see another warp of the same logits (SpecDec: logit gaps at temperature 0).
-    target_probs, target_cache = score_chain(
-        target, carry.target_cache, carry.last, draft_tokens, strategy.scoring(sampling)
-    )
+    target_probs, target_cache = score_chain(target, carry.target_cache, carry.last, draft_tokens, strategy.scoring(sampling))
     verdict = strategy.verify_rule(key_verify, draft_tokens, draft_probs, target_probs)
 
     n_emitted = verdict.accepted + 1

@@ -209,12 +209,22 @@ def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, 
     return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, budget, 1, stream)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "budget", "stream")
-)
+@functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "budget", "stream"))
 def _speculative_generate(
-    target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, key, eos_id, max_new_tokens,
-    *, strategy, sampling, budget, stream=None,
+    target_graph,
+    target_state,
+    drafter_graph,
+    drafter_state,
+    prompts,
+    prompt_lengths,
+    key,
+    eos_id,
+    max_new_tokens,
+    *,
+    strategy,
+    sampling,
+    budget,
+    stream=None,
 ):
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state)

@@ -89,8 +89,8 @@ def rerank(
     if size > p:  # fewer candidates than the budget: pad with invalid nodes
         source = jnp.concatenate([source, jnp.zeros((b, size - p), jnp.int32)], axis=1)
     valid = jnp.broadcast_to(jnp.arange(size) < n_kept, (b, size))
-    new_index = jnp.full((b, p), -1, jnp.int32).at[rows, jnp.where(valid, source, p)].set(
-        jnp.arange(size, dtype=jnp.int32), mode="drop"
+    new_index = (
+        jnp.full((b, p), -1, jnp.int32).at[rows, jnp.where(valid, source, p)].set(jnp.arange(size, dtype=jnp.int32), mode="drop")
     )
     pool_parent = jnp.take_along_axis(parent, source, axis=1)
     new_parent = jnp.take_along_axis(new_index, jnp.maximum(pool_parent, 0), axis=1)
@@ -149,8 +149,13 @@ def draft_eagle_tree(
             chosen = jax.lax.top_k(level_value, k)[1].astype(jnp.int32)  # [B, k], candidate indices
             start = 1 + (level - 1) * k
             draft = add_nodes(
-                draft, drafter, start, beam_scored + chosen // k, jnp.take_along_axis(level_tokens, chosen, axis=1),
-                jnp.ones((b, k), bool), sampling,
+                draft,
+                drafter,
+                start,
+                beam_scored + chosen // k,
+                jnp.take_along_axis(level_tokens, chosen, axis=1),
+                jnp.ones((b, k), bool),
+                sampling,
             )
             level_scored = level_scored.at[rows, chosen].set(start + jnp.arange(k, dtype=jnp.int32))
             beam_scored, beam_pool = start, pool_start + chosen
@@ -161,7 +166,10 @@ def draft_eagle_tree(
     pool_depth = jnp.broadcast_to(jnp.asarray(pool_depths(k, depth)), (b, pool_start))
     scored = jnp.concatenate(scored, axis=1)
     tree, source = rerank(
-        jnp.concatenate(tokens, axis=1), jnp.concatenate(parent, axis=1), pool_depth, jnp.concatenate(value, axis=1),
+        jnp.concatenate(tokens, axis=1),
+        jnp.concatenate(parent, axis=1),
+        pool_depth,
+        jnp.concatenate(value, axis=1),
         total_tokens,
     )
     node_scored = jnp.take_along_axis(scored, source, axis=1)  # [B, N]; -1 for leaves the drafter never scored

@@ -175,7 +175,9 @@ def draft_levels(
             valid = parent_valid & alive[:, None]
         edge = jnp.take_along_axis(jax.nn.log_softmax(draft.logits[:, above:lo][:, local_parent]), tokens[..., None], axis=-1)
         log_path = log_path.at[:, lo:hi].set(log_path[:, above:lo][:, local_parent] + edge[..., 0])
-        add = functools.partial(add_nodes, drafter=drafter, start=lo, parent=parent, tokens=tokens, valid=valid, sampling=sampling)
+        add = functools.partial(
+            add_nodes, drafter=drafter, start=lo, parent=parent, tokens=tokens, valid=valid, sampling=sampling
+        )
         if level == shape.max_depth:
             draft = add(draft, score=False)  # leaves get no children: no need to score them
             continue

@@ -42,7 +42,6 @@ from jspec.tree_verify import children_verifier
 from jspec.trees import Tree
 from jspec.validation import check_int, check_prompts
 
-
 # --- validation -------------------------------------------------------------------------------
 
 
@@ -230,8 +229,18 @@ _CHUNK = 128  # positions verified at once: bounds the [chunk, width + 1, V] sta
 
 @functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "width", "sampling"))
 def _rank_counts(
-    target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, continuation, lengths, key,
-    *, width, sampling,
+    target_graph,
+    target_state,
+    drafter_graph,
+    drafter_state,
+    prompts,
+    prompt_lengths,
+    continuation,
+    lengths,
+    key,
+    *,
+    width,
+    sampling,
 ):
     """int32 `[width + 1]`: over the valid continuation positions, how often no child (index 0) or
     the rank-i child (index i) was accepted. prompts `[B, P]`, continuation `[B, M]` (valid below
@@ -313,8 +322,17 @@ def measure_acceptance(
     drafter_graph, drafter_state = nnx.split(drafter)
     counts = np.asarray(
         _rank_counts(
-            target_graph, target_state, drafter_graph, drafter_state, prompts, prompt_lengths, out.tokens, out.lengths,
-            key_measure, width=width, sampling=sampling,
+            target_graph,
+            target_state,
+            drafter_graph,
+            drafter_state,
+            prompts,
+            prompt_lengths,
+            out.tokens,
+            out.lengths,
+            key_measure,
+            width=width,
+            sampling=sampling,
         ),
         np.float64,
     )

@@ -20,8 +20,10 @@ from jspec.tree_verify import CHILD_VERIFIERS
 
 
 def check_branching(name: str, branching) -> None:
-    if not isinstance(branching, tuple) or not branching or any(
-        isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in branching
+    if (
+        not isinstance(branching, tuple)
+        or not branching
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in branching)
     ):
         raise ValueError(f"{name} must be a non-empty tuple of ints >= 1, got {branching!r}")
 

@@ -147,9 +147,7 @@ def add_nodes(
     )
 
 
-def choose_children(
-    key: jax.Array, logits: jax.Array, probs: jax.Array, n: int, mode: str, greedy: bool
-) -> jax.Array:
+def choose_children(key: jax.Array, logits: jax.Array, probs: jax.Array, n: int, mode: str, greedy: bool) -> jax.Array:
     """n children for each of M nodes from their drafter logits and warped q `[B, M, V]` ->
     int32 `[B, M, n]`, in the order the verifier must try them.
 
@@ -231,7 +229,13 @@ def draft_fixed_shape(
         )  # [B, M_above, n_children]
         tokens = choices[:, local_parent, shape.rank[lo:hi]]  # [B, M]
         draft = add_nodes(
-            draft, drafter, lo, jnp.broadcast_to(jnp.asarray(shape.parent[lo:hi]), (b, hi - lo)), tokens,
-            jnp.ones((b, hi - lo), bool), sampling, score=level < shape.max_depth,
+            draft,
+            drafter,
+            lo,
+            jnp.broadcast_to(jnp.asarray(shape.parent[lo:hi]), (b, hi - lo)),
+            tokens,
+            jnp.ones((b, hi - lo), bool),
+            sampling,
+            score=level < shape.max_depth,
         )
     return draft.finish()

@@ -28,7 +28,6 @@ from jspec.sampling import Sampling, warp
 from jspec.tree_verify import children_verifier
 from jspec.trees import tree_path
 
-
 TREE_STRATEGY_API = ("size", "max_depth", "tokens_per_round", "tokens_scored", "check", "draft", "verifier")
 
 

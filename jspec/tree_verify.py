@@ -64,7 +64,9 @@ def _deterministic_rule(u, r, q, x):
     return accept, residual(r, one_hot * _prob(r, x)[:, None]), q
 
 
-def walk_to_residual(rule: ChildRule, key: jax.Array, tree: Tree, draft_probs: jax.Array, target_probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+def walk_to_residual(
+    rule: ChildRule, key: jax.Array, tree: Tree, draft_probs: jax.Array, target_probs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Walk the tree with `rule` up to where a token is emitted: the deepest accepted node
     int32 `[B]` and the distribution r `[B, V]` the next token is drawn from."""
     b, n = tree.tokens.shape

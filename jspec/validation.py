@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jspec.models import ModelConfig
 

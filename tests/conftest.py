@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +14,18 @@ from scipy import stats
 
 from jspec.models import ModelConfig, Transformer, causal_mask, init_cache
 
+# A persistent compilation cache shared by the test processes (both xdist workers, the notebook
+# kernels): many modules compile the same programs (the SmolLM2 decode loops above all), and a
+# cache hit costs a fraction of a 30-layer compile. Keyed by the program, jax version and flags.
+JAX_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
 # Untied head and enlarged weights: tiny random models then produce varied, context-dependent text
 # (a tied random model at standard init repeats one token, which would make greedy tests trivial).
-TINY = ModelConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=False
-)
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=False)
 
 
 def random_model(config: ModelConfig, seed: int, scale: float = 5.0) -> Transformer:
@@ -43,8 +53,12 @@ def assert_greedy_matches_target(target: Transformer, strategy, prompts, lengths
     expected = jspec.generate(target, prompts, prompt_lengths=lengths, max_new_tokens=max_new_tokens)
     for noise in (0.3, 1.0):
         out = jspec.speculative_generate(
-            target, perturbed(target, noise, seed=1), prompts, prompt_lengths=lengths,
-            max_new_tokens=max_new_tokens, strategy=strategy,
+            target,
+            perturbed(target, noise, seed=1),
+            prompts,
+            prompt_lengths=lengths,
+            max_new_tokens=max_new_tokens,
+            strategy=strategy,
         )
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
         np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))

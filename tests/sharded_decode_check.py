@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jspec
 from jspec import decode, sharding
@@ -63,13 +64,26 @@ def compiled_text(name, target, drafter, prompts, lengths) -> str:
     """HLO of the program the sharded call ran, after SPMD partitioning (shapes are per device).
     Same arguments as that call, so this reuses its compiled executable instead of compiling anew."""
     key, eos = jax.random.key(0), jnp.int32(-1)  # what generate passes for greedy decoding, no EOS
+    limit, budget = jnp.int32(MAX_NEW), decode.bucket_size(MAX_NEW)
+    prompts = decode._pad_width(prompts, decode.bucket_size(prompts.shape[1]))  # as generate buckets them
     tg, ts = nnx.split(target)
     if name == "generate":
-        lowered = decode._generate.lower(tg, ts, prompts, lengths, key, eos, sampling=jspec.Sampling(), max_new_tokens=MAX_NEW)
+        lowered = decode._generate.lower(tg, ts, prompts, lengths, key, eos, limit, sampling=jspec.Sampling(), budget=budget)
     else:
         dg, ds = nnx.split(drafter)
         lowered = decode._speculative_generate.lower(
-            tg, ts, dg, ds, prompts, lengths, key, eos, strategy=STRATEGIES[name], sampling=jspec.Sampling(), max_new_tokens=MAX_NEW
+            tg,
+            ts,
+            dg,
+            ds,
+            prompts,
+            lengths,
+            key,
+            eos,
+            limit,
+            strategy=STRATEGIES[name],
+            sampling=jspec.Sampling(),
+            budget=budget,
         )
     return lowered.compile().as_text()
 
@@ -123,8 +137,9 @@ def main() -> None:
 
     # The compiled programs are partitioned: each device holds a [L, B/4, S, H_kv/2, D] cache
     # (never the whole [L, 8, S, 2, D] one) and the model axis all-reduces the partial sums.
-    for name in got:  # cache slots as decode sizes them: prompt, new tokens, one round's slack, 1
-        s = prompts.shape[1] + MAX_NEW + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 0) + 1
+    for name in got:  # cache slots as decode sizes them: bucketed prompt and new tokens, one round's slack, 1
+        width, budget = decode.bucket_size(prompts.shape[1]), decode.bucket_size(MAX_NEW)
+        s = width + budget + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 0) + 1
         with jax.set_mesh(mesh):
             text = compiled_text(name, target, drafter, sharded_prompts, sharded_lengths)
         local, whole = f"f32[2,2,{s},1,16]", f"f32[2,8,{s},2,16]"

@@ -11,10 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TINY, random_model
 from jspec import analysis
 from jspec.sequoia import sequoia_tree
 from jspec.tree_draft import FixedShape
+
+from conftest import TINY, random_model
 
 ROUNDS = 200_000
 

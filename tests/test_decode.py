@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import TINY, chi_square_pvalue, perturbed, random_model
 from jspec.chain import ChainCarry, chain_round
 from jspec.decode import PAD_ID, _generate, _speculative_generate, bucket_size, prefill
 from jspec.models import causal_mask, init_cache, truncate
 from jspec.sampling import Sampling, warp
+
+from conftest import TINY, chi_square_pvalue, perturbed, random_model
 
 MAX_NEW = 24
 
@@ -74,7 +75,12 @@ def test_eos_finishes_rows_independently(tiny_target):
     ar = jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=MAX_NEW, eos_id=eos)
     drafter = perturbed(tiny_target, 0.3, 1)
     spec = jspec.speculative_generate(
-        tiny_target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=MAX_NEW, eos_id=eos,
+        tiny_target,
+        drafter,
+        prompts,
+        prompt_lengths=lengths,
+        max_new_tokens=MAX_NEW,
+        eos_id=eos,
         strategy=jspec.Chain(k=4),
     )
     _assert_same_output(spec, ar)
@@ -110,8 +116,14 @@ def test_compiles_once_per_shapes_strategy_and_sampling(tiny_target):
     for seed, (width, max_new) in enumerate([(17, 17), (18, 20), (19, 18), (20, 19)]):
         prompts, lengths = _ragged_prompts(seed, 4, width)
         out = jspec.speculative_generate(
-            random_model(TINY, seed), perturbed(tiny_target, 0.1 * seed, seed), prompts, prompt_lengths=lengths,
-            max_new_tokens=max_new, strategy=strategy, sampling=sampling, rng=jax.random.key(seed),
+            random_model(TINY, seed),
+            perturbed(tiny_target, 0.1 * seed, seed),
+            prompts,
+            prompt_lengths=lengths,
+            max_new_tokens=max_new,
+            strategy=strategy,
+            sampling=sampling,
+            rng=jax.random.key(seed),
         )
         assert out.tokens.shape == (4, max_new) and int(out.lengths.max()) == max_new
     assert _speculative_generate._cache_size() == before + 1
@@ -122,7 +134,9 @@ def test_compiles_once_per_shapes_strategy_and_sampling(tiny_target):
     assert _generate._cache_size() == before + 1
 
 
-@pytest.mark.parametrize("n, bucket", [(1, 16), (16, 16), (17, 20), (20, 20), (21, 24), (33, 40), (100, 112), (129, 160), (1000, 1024)])
+@pytest.mark.parametrize(
+    "n, bucket", [(1, 16), (16, 16), (17, 20), (20, 20), (21, 24), (33, 40), (100, 112), (129, 160), (1000, 1024)]
+)
 def test_bucket_sizes_are_at_most_a_quarter_larger(n, bucket):
     assert bucket_size(n) == bucket
     assert n <= bucket_size(n) <= max(16, 1.25 * n)
@@ -145,7 +159,9 @@ def test_stream_sees_every_kept_token_in_order(tiny_target):
     prompts, lengths = _ragged_prompts(4, 3)
     for decode in (
         lambda **kw: jspec.generate(tiny_target, prompts, prompt_lengths=lengths, **kw),
-        lambda **kw: jspec.speculative_generate(tiny_target, drafter, prompts, prompt_lengths=lengths, strategy=jspec.Chain(k=3), **kw),
+        lambda **kw: jspec.speculative_generate(
+            tiny_target, drafter, prompts, prompt_lengths=lengths, strategy=jspec.Chain(k=3), **kw
+        ),
     ):
         reference = decode(max_new_tokens=MAX_NEW)
         eos = int(reference.tokens[1, 5])  # row 1 stops early at this token
@@ -183,9 +199,7 @@ def test_round_steps_compose_into_a_user_loop(tiny_target):
     logits, target_cache = prefill(tiny_target, prompts, lengths, size)
     _, drafter_cache = prefill(drafter, prompts, lengths, size)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    carry = ChainCarry(
-        target_cache, truncate(drafter_cache, lengths - 1), prompts[jnp.arange(2), lengths - 1], first
-    )
+    carry = ChainCarry(target_cache, truncate(drafter_cache, lengths - 1), prompts[jnp.arange(2), lengths - 1], first)
     streamed = [[int(t)] for t in first]
     step = jax.jit(lambda carry, key: chain_round(strategy, tiny_target, drafter, carry, jnp.ones(2, bool), sampling, key))
     while min(map(len, streamed)) < 12:
@@ -199,9 +213,7 @@ def test_round_steps_compose_into_a_user_loop(tiny_target):
 
 # --- Distribution: the first 3 tokens at temperature > 0 match the target's exact law. ----------
 
-SMALL = dataclasses.replace(
-    TINY, vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32
-)
+SMALL = dataclasses.replace(TINY, vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
 PROMPT = np.array([[1, 3, 0, 2, 2]], np.int32)
 ROWS, CALLS = 8192, 3
 
@@ -267,8 +279,13 @@ def test_speculative_sampling_matches_exact_target_distribution(small_pair, veri
     exact = _exact_first3(target, sampling)
     codes = _sample_codes(
         lambda prompts, key: jspec.speculative_generate(
-            target, drafter, prompts, max_new_tokens=3, strategy=jspec.Chain(k=2, verifier=verifier),
-            sampling=sampling, rng=key,
+            target,
+            drafter,
+            prompts,
+            max_new_tokens=3,
+            strategy=jspec.Chain(k=2, verifier=verifier),
+            sampling=sampling,
+            rng=key,
         )
     )
     assert chi_square_pvalue(codes, exact) > 1e-3
@@ -325,7 +342,10 @@ def _bad_calls(target, drafter):
         "unknown_verifier": ("verifier must be one of", lambda: spec(strategy=jspec.Chain(k=2, verifier="typical"))),
         "strategy_type": ("strategy must be", lambda: spec(strategy=4)),
         "drafter_type": ("drafter must be a jspec.models.Transformer", lambda: spec(drafter="model")),
-        "generate_prompts_dtype": ("prompts must have an integer dtype", lambda: jspec.generate(target, prompts.astype(float), **ok)),
+        "generate_prompts_dtype": (
+            "prompts must have an integer dtype",
+            lambda: jspec.generate(target, prompts.astype(float), **ok),
+        ),
         "generate_budget": ("max_new_tokens=100 need 106 positions", lambda: jspec.generate(target, prompts, max_new_tokens=100)),
     }
 

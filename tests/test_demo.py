@@ -71,7 +71,7 @@ def test_models_are_trained(target, prompts):
     nats; the target better than every drafter; the trimmed head covers most positions.
     Measured on the bundled models: target 3.04, drafters 3.32 / 3.30."""
     batch = [np.asarray(prompts)]
-    results = {name: evaluate_covered(demo.load(name) if name != "target" else target, batch) for name in demo.MODELS}
+    results = {name: evaluate_covered(demo.load(name) if name != "target" else target, batch) for name in demo.CODE_MODELS}
     losses = {name: loss for name, (loss, _) in results.items()}
     assert losses["target"] < 3.5, losses
     assert all(losses["target"] < losses[name] < 4.0 for name in ("drafter", "drafter-distilled")), losses
@@ -90,7 +90,7 @@ def test_greedy_speculative_equals_greedy_autoregressive(target, prompts, name):
 
 
 def test_cards_report_the_measurements():
-    for name in demo.MODELS:
+    for name in demo.CODE_MODELS:
         card = demo.card(name)
         assert card.startswith(f"# jspec demo model: `{name}`")
         assert "Held-out loss" in card and "python -m train." in card

@@ -12,14 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_decode import first3_pvalue
 
 import jspec
-from conftest import TINY, forward, perturbed
 from jspec import dynamic_tree
 from jspec.dynamic_tree import DynamicTree
 from jspec.models import causal_mask, commit, init_cache
 from jspec.sampling import Sampling
-from test_decode import first3_pvalue
+
+from conftest import TINY, forward, perturbed
 
 STRATEGY = DynamicTree(budget=7, width=2, max_children=2)
 GREEDY_PROMPTS = np.asarray(jax.random.randint(jax.random.key(2), (4, 6), 0, 64), np.int32)
@@ -61,8 +62,9 @@ def drafted_tree(strategy, model, sampling: Sampling, key=jax.random.key(0)):
     """`strategy.draft` after PROMPTS, with `model` as drafter -> numpy tokens, parent, valid `[B, N]`."""
     b, p = PROMPTS.shape
     cache = init_cache(TINY, b, 40)
-    _, cache = forward(model, jnp.asarray(PROMPTS[:, :-2]), jnp.broadcast_to(jnp.arange(p - 2), (b, p - 2)),
-                       causal_mask(b, p - 2), cache)
+    _, cache = forward(
+        model, jnp.asarray(PROMPTS[:, :-2]), jnp.broadcast_to(jnp.arange(p - 2), (b, p - 2)), causal_mask(b, p - 2), cache
+    )
     cache = commit(cache, jnp.full((b,), p - 2, jnp.int32))
     prev, last = jnp.asarray(PROMPTS[:, -2]), jnp.asarray(PROMPTS[:, -1])
     return tuple(np.asarray(x) for x in _draft(model, cache, prev, last, key, strategy=strategy, sampling=sampling))

@@ -10,15 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_decode import first3_pvalue
 
 import jspec
-from conftest import TINY, assert_greedy_matches_target, forward, perturbed
 from jspec.decode import prefill
 from jspec.eagle_tree import EagleTree, pool_size, rerank, top_value_nodes
 from jspec.models import causal_mask, init_cache
 from jspec.sampling import Sampling
 from jspec.trees import tree_ancestor_mask
-from test_decode import first3_pvalue
+
+from conftest import TINY, assert_greedy_matches_target, forward, perturbed
 
 # One strategy for the decoding tests (each strategy and shape is one compilation): the beam keeps
 # 4 of 16 candidates per level, the rerank 9 of 52, and the drafter scores 13 nodes, more than the
@@ -33,9 +34,7 @@ def _prompts(seed: int) -> np.ndarray:
 def sharpened(model, factor: float):
     """`model` with its output head scaled by `factor`: near one-hot next-token distributions."""
     graph, state = nnx.split(model)
-    state = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * factor if "lm_head" in jax.tree_util.keystr(path) else x, state
-    )
+    state = jax.tree_util.tree_map_with_path(lambda path, x: x * factor if "lm_head" in jax.tree_util.keystr(path) else x, state)
     return nnx.merge(graph, state)
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import TINY, random_model
 from jspec import early_stop as es
 from jspec.multi_candidate import MultiCandidate
 from train import mcsd_early_stop
+
+from conftest import TINY, random_model
 
 
 def test_training_script_on_tiny_models_trains_saves_and_loads(tmp_path, capsys):
@@ -21,11 +22,30 @@ def test_training_script_on_tiny_models_trains_saves_and_loads(tmp_path, capsys)
     drafter = random_model(TINY, seed=5)
     jspec.models.save(target, tmp_path / "target")
     jspec.models.save(drafter, tmp_path / "drafter")
-    summary = mcsd_early_stop.main([
-        "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "--prompt-source", "random",
-        "--prompts", "8", "--prompt-len", "8", "--rounds", "4", "--batch-size", "4", "--k-config", "2,2,1",
-        "--steps", "60", "--out", str(tmp_path / "run"),
-    ])
+    summary = mcsd_early_stop.main(
+        [
+            "--target",
+            str(tmp_path / "target"),
+            "--drafter",
+            str(tmp_path / "drafter"),
+            "--prompt-source",
+            "random",
+            "--prompts",
+            "8",
+            "--prompt-len",
+            "8",
+            "--rounds",
+            "4",
+            "--batch-size",
+            "4",
+            "--k-config",
+            "2,2,1",
+            "--steps",
+            "60",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert "held-out accuracy" in capsys.readouterr().out
     assert summary["train_examples"] > 0 and summary["held_out_examples"] > 0
     assert summary["loss_last"] < summary["loss_first"]

@@ -21,9 +21,10 @@ from flax import nnx
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
-from conftest import causal_logits
 from jspec.models import from_gguf, from_hf
 from jspec.models.gguf import unpermute_rotary
+
+from conftest import causal_logits
 
 VOCAB = 320
 D, FF, HEADS, KV, LAYERS = 256, 512, 4, 2, 2  # K-quants need rows of 256
@@ -32,6 +33,8 @@ D, FF, HEADS, KV, LAYERS = 256, 512, 4, 2, 2  # K-quants need rows of 256
 def head_dim(family: str) -> int:
     """Qwen3 sets head_dim apart from d_model / heads (128 in every Qwen3 model), the others do not."""
     return 128 if family == "qwen3" else D // HEADS
+
+
 MATRIX_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16, Q.F32)
 # Where each K-quant block keeps its float16 scale(s), and a scale that gives weights of ~0.1.
 _K_SCALES = {Q.Q4_K: ((0, 2), 2e-4), Q.Q5_K: ((0, 2), 1e-4), Q.Q6_K: ((-2,), 4e-5)}

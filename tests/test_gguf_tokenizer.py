@@ -74,7 +74,9 @@ def test_ids_equal_transformers_with_the_digit_split(tokenizer, hf_tokenizer):
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
     for text in TEXTS:
         assert tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False), text
-        assert tokenizer.decode(tokenizer.encode(text)) == hf_tokenizer.decode(hf_tokenizer.encode(text, add_special_tokens=False))
+        assert tokenizer.decode(tokenizer.encode(text)) == hf_tokenizer.decode(
+            hf_tokenizer.encode(text, add_special_tokens=False)
+        )
     assert hf_tokenizer.chat_template == tokenizer.chat_template
     for generation_prompt in (True, False):
         ids = hf_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=generation_prompt, tokenize=True)

@@ -20,11 +20,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
 tf = pytest.importorskip("transformers", reason="the hf extra (torch, transformers) is not installed")
 
-import jspec  # noqa: E402
-from conftest import TINY, causal_logits, random_model  # noqa: E402
 from flax import nnx  # noqa: E402
+
+import jspec  # noqa: E402
 from jspec.models import ModelConfig, RopeScaling, from_hf, load_tokenizer, to_hf  # noqa: E402
 from jspec.models.hf import FAMILIES, config_from_hf  # noqa: E402
+
+from conftest import TINY, causal_logits, random_model  # noqa: E402
 
 VOCAB = 256
 MAX_ERR = 1e-4  # float32 on both sides; measured 3e-6 .. 1.3e-5
@@ -46,22 +48,41 @@ def hf_config(family: str, layers: int = 2):
         eos_token_id=2,
     )
     if family == "llama":  # Llama 3.1 RoPE scaling, short enough an original context to matter here
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0,
+        }
         return tf.LlamaConfig(**common, rope_parameters=rope)
     if family == "qwen2":  # layers from max_window_layers on use a sliding window
-        return tf.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
-                              max_window_layers=1)
+        return tf.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32)
     if family == "gemma":
         return tf.GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=16)
     if family == "gemma2":  # a window of 4 and small caps, so sliding layers and soft-capping matter
-        return tf.Gemma2Config(**common, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-                               attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+        return tf.Gemma2Config(
+            **common,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        )
     assert family == "gpt2"
-    return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=128,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def hf_model(family: str, layers: int = 2, seed: int = 0):
@@ -122,8 +143,12 @@ FEATURES = {
     "llama": {"rope_scaling": None},
     "qwen2": {"sliding_window": None, "sliding_window_layers": None},
     "gemma": {"scale_embeddings": False},
-    "gemma2": [{"sliding_window": None, "sliding_window_layers": None}, {"attn_softcap": None},
-               {"final_softcap": None}, {"attn_scale": None}],
+    "gemma2": [
+        {"sliding_window": None, "sliding_window_layers": None},
+        {"attn_softcap": None},
+        {"final_softcap": None},
+        {"attn_scale": None},
+    ],
     "gpt2": {"gelu_approximate": False},
 }
 

@@ -9,7 +9,15 @@ import pytest
 
 import jspec
 from infer import bench, generate, methods
-from infer.models import DEMO_MODELS_NOTE, RANDOM_MODELS_NOTE, Preset, random_models, random_target, truncated_drafter
+from infer.models import (
+    CHAT_MODELS_NOTE,
+    DEMO_MODELS_NOTE,
+    RANDOM_MODELS_NOTE,
+    Preset,
+    random_models,
+    random_target,
+    truncated_drafter,
+)
 
 SIZES = ["--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
 SMALL_RUN = ["--preset", "tiny", *SIZES]
@@ -39,7 +47,9 @@ def test_generate_rejects_a_node_budget_the_tree_cannot_use():
 
 
 def test_generate_on_the_code_models_uses_code_prompts(capsys):
-    result = generate.main(["--target", "target", "--max-new-tokens", "16", "--batch-size", "2", "--prompt-len", "24", "--repeats", "1"])
+    result = generate.main(
+        ["--target", "target", "--max-new-tokens", "16", "--batch-size", "2", "--prompt-len", "24", "--repeats", "1"]
+    )
     printed = capsys.readouterr().out
     assert printed.startswith(DEMO_MODELS_NOTE)
     assert "drafter: drafter-distilled" in printed
@@ -84,15 +94,40 @@ def test_generate_loads_hugging_face_checkpoints_and_their_tokenizer(tmp_path, c
 
 def test_bench_writes_records(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    bench.main([
-        *SMALL_RUN, "--json", str(path), "--ks", "2", "--verifiers", "sampling", "--temperatures", "1",
-        "--prompt-batches", "2", "--node-budgets", "3", "--trees", "specinfer", "sequoia", "--calibration-batches", "1",
-    ])
+    bench.main(
+        [
+            *SMALL_RUN,
+            "--json",
+            str(path),
+            "--ks",
+            "2",
+            "--verifiers",
+            "sampling",
+            "--temperatures",
+            "1",
+            "--prompt-batches",
+            "2",
+            "--node-budgets",
+            "3",
+            "--trees",
+            "specinfer",
+            "sequoia",
+            "--calibration-batches",
+            "1",
+        ]
+    )
     records = json.loads(path.read_text())
     assert [r["method"] for r in records] == ["ar", "chain-sampling-k2", "specinfer-n3", "sequoia-n3"]
     numeric = [
-        "temperature", "tau", "tokens_per_s", "speedup_vs_ar", "target_passes", "t_target_1_ms", "t_draft_ms",
-        "theoretical_speedup", "achieved_over_theoretical",
+        "temperature",
+        "tau",
+        "tokens_per_s",
+        "speedup_vs_ar",
+        "target_passes",
+        "t_target_1_ms",
+        "t_draft_ms",
+        "theoretical_speedup",
+        "achieved_over_theoretical",
     ]
     for record in records:
         for key in numeric:
@@ -121,11 +156,27 @@ def test_bench_reports_spec_bench_categories_acceptance_and_plots(tmp_path, caps
         {"question_id": 4, "category": "writing", "turns": ["Write a short poem about the sea.", "A second turn."]},
     ]
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    records = bench.main([
-        *SIZES, *_tiny_hf_checkpoints(tmp_path), "--json", str(tmp_path / "bench.json"), "--ks", "3",
-        "--verifiers", "sampling", "--temperatures", "0", "--node-budgets", "--prompts-jsonl", str(tmp_path / "q.jsonl"),
-        "--per-category", "2", "--plots", str(tmp_path / "plots"),
-    ])
+    records = bench.main(
+        [
+            *SIZES,
+            *_tiny_hf_checkpoints(tmp_path),
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--ks",
+            "3",
+            "--verifiers",
+            "sampling",
+            "--temperatures",
+            "0",
+            "--node-budgets",
+            "--prompts-jsonl",
+            str(tmp_path / "q.jsonl"),
+            "--per-category",
+            "2",
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
     assert [r["method"] for r in records] == ["ar", "chain-sampling-k3"]
     ar, chain = records
     assert {c: v["rows"] for c, v in chain["by_category"].items()} == {"coding": 2, "writing": 1}
@@ -150,9 +201,16 @@ def test_rounds_at_least_counts_acceptance_by_position():
 @pytest.mark.parametrize("budget", [3, 5, 9, 17])
 def test_bench_builds_every_tree_method_at_exactly_its_node_budget(budget):
     """What `infer.bench --trees` runs: each tree strategy, scoring exactly `budget` nodes per round."""
-    strategies = {name: methods.tree_method(name, budget, lambda width: (0.6, 0.3, 0.1)[:width]).strategy for name in methods.TREE_METHODS}
+    strategies = {
+        name: methods.tree_method(name, budget, lambda width: (0.6, 0.3, 0.1)[:width]).strategy for name in methods.TREE_METHODS
+    }
     assert {type(s).__name__ for s in strategies.values()} == {
-        "StaticTree", "RSD", "SequoiaTree", "DynamicTree", "MultiCandidate", "EagleTree"
+        "StaticTree",
+        "RSD",
+        "SequoiaTree",
+        "DynamicTree",
+        "MultiCandidate",
+        "EagleTree",
     }
     assert all(s.size == budget for s in strategies.values())
     assert strategies["rsd-s"].beam and strategies["rsd-c"].branching  # both RSD variants
@@ -167,13 +225,28 @@ def test_bench_rejects_a_node_budget_no_tree_fits():
 def test_model_cards_measure_every_model(tmp_path):
     from infer import model_cards
 
-    results = model_cards.main([
-        "--json", str(tmp_path / "cards.json"), "--cards", str(tmp_path / "cards"), "--prompts", "1",
-        "--max-new-tokens", "8", "--repeats", "1", "--eval-batches", "1", "--alpha-batches", "1",
-        "--bench", str(Path(__file__).parents[1] / "docs" / "bench_cpu_demo.json"),
-    ])
+    results = model_cards.main(
+        [
+            "--json",
+            str(tmp_path / "cards.json"),
+            "--cards",
+            str(tmp_path / "cards"),
+            "--prompts",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--eval-batches",
+            "1",
+            "--alpha-batches",
+            "1",
+            "--bench",
+            str(Path(__file__).parents[1] / "docs" / "bench_cpu_demo.json"),
+        ]
+    )
     assert json.loads((tmp_path / "cards.json").read_text()) == json.loads(json.dumps(results))
-    for name in jspec.demo.MODELS:
+    for name in jspec.demo.CODE_MODELS:
         row = results["models"][name]
         assert math.isfinite(row["held_out_loss"]) and 0 < row["held_out_covered"] <= 1
         card = (tmp_path / "cards" / f"{name}.md").read_text()
@@ -187,3 +260,52 @@ def test_model_cards_measure_every_model(tmp_path):
     (tmp_path / "cards" / "target.md").unlink()
     model_cards.main(["--json", str(tmp_path / "cards.json"), "--cards", str(tmp_path / "cards"), "--cards-only"])
     assert f"Held-out loss {results['models']['target']['held_out_loss']:.3f}" in (tmp_path / "cards" / "target.md").read_text()
+
+
+# --- The SmolLM2 default (the README's demo command). -------------------------------------------
+
+
+@pytest.mark.slow
+def test_generate_defaults_to_smollm2_and_answers_a_chat_prompt(capsys):
+    result = generate.main(["--max-new-tokens", "24", "--repeats", "1", "--prompt", "Name three fruits."])
+    printed = capsys.readouterr().out
+    assert printed.startswith(CHAT_MODELS_NOTE)
+    assert "----- user -----\nName three fruits." in printed and "----- assistant (speculative) -----" in printed
+    assert result["identical"] is True and result["tau"] >= 1
+
+
+@pytest.mark.slow
+def test_generate_interactive_streams_each_answer_and_reports_tau(monkeypatch, capsys):
+    turns = iter(["Name a colour.", "Name another one.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    generate.main(["--interactive", "--max-new-tokens", "16"])
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and out.count("[tau ") == 2
+    first_answer = out.split("assistant> ")[1].split("\n[tau")[0]
+    assert first_answer.strip()  # the streamed text of the first answer
+
+
+def test_interactive_needs_a_chat_target():
+    with pytest.raises(SystemExit):
+        generate.main([*SMALL_RUN, "--interactive"])
+
+
+@pytest.mark.slow
+def test_bench_on_smollm2_renders_chat_prompts_in_both_dtypes(tmp_path):
+    lines = [
+        {"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea."]},
+        {"question_id": 2, "category": "writing", "turns": ["beyond --per-category"]},
+        {"question_id": 3, "category": "qa", "turns": ["What is the capital of Italy?"]},
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    records = bench.main([
+        "--json", str(tmp_path / "bench.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"), "--per-category", "1",
+        "--ks", "2", "--verifiers", "sampling", "--temperatures", "0", "--node-budgets", "--max-new-tokens", "8",
+        "--repeats", "1", "--dtypes", "float32", "bfloat16",
+    ])  # fmt: skip
+    assert [(r["method"], r["dtype"]) for r in records] == [
+        ("ar", "float32"), ("chain-sampling-k2", "float32"), ("ar", "bfloat16"), ("chain-sampling-k2", "bfloat16"),
+    ]  # fmt: skip
+    assert records[0]["models"].startswith(CHAT_MODELS_NOTE) and "chat template" in records[0]["prompts"]
+    assert set(records[1]["by_category"]) == {"writing", "qa"} and records[3]["rows"] == 2
+    assert all(1 <= r["tau"] <= 3 and r["tokens_per_s"] > 0 for r in records)

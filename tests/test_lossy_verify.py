@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decode import SMALL, _exact_first3, _sample_codes
 
 import jspec
-from conftest import TINY, chi_square_pvalue, forward, perturbed, random_model
 from jspec.lossy_verify import (
     LossySpecDec,
     LossyTypical,
@@ -23,7 +23,8 @@ from jspec.models import causal_mask, init_cache
 from jspec.sampling import Sampling
 from jspec.tree_round import is_tree_strategy
 from jspec.verify import CHAIN_VERIFIERS, verify_greedy, verify_sampling
-from test_decode import SMALL, _exact_first3, _sample_codes
+
+from conftest import TINY, chi_square_pvalue, forward, perturbed, random_model
 
 V = 8
 PEAK = np.array([0.9, 0.08, 0.02, 0, 0, 0, 0, 0])  # H = 0.375: min(0.09, 0.3 e^-H = 0.206) = eps = 0.09
@@ -214,8 +215,13 @@ def test_typical_decoding_misses_the_exact_target_distribution():
     sampling = Sampling(temperature=1.0)
     codes = _sample_codes(
         lambda prompts, key: jspec.speculative_generate(
-            target, drafter, prompts, max_new_tokens=3, strategy=jspec.Chain(k=2, verifier=LossyTypical()),
-            sampling=sampling, rng=key,
+            target,
+            drafter,
+            prompts,
+            max_new_tokens=3,
+            strategy=jspec.Chain(k=2, verifier=LossyTypical()),
+            sampling=sampling,
+            rng=key,
         )
     )
     assert chi_square_pvalue(codes, _exact_first3(target, sampling)) < 1e-6
@@ -234,7 +240,11 @@ def greedy_case(tiny_target):
 
     def run(rule):
         return jspec.speculative_generate(
-            tiny_target, drafter, prompts, prompt_lengths=lengths, max_new_tokens=20,
+            tiny_target,
+            drafter,
+            prompts,
+            prompt_lengths=lengths,
+            max_new_tokens=20,
             strategy=jspec.Chain(k=4, verifier=rule),
         )
 
@@ -266,7 +276,10 @@ def test_specdec_at_temperature_0_emits_only_tolerated_tokens(tiny_target, greed
     for row in range(b):
         seqs[row, : lengths[row] + 20] = np.concatenate([prompts[row, : lengths[row]], tokens[row]])
     logits, _ = forward(
-        tiny_target, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(width), (b, width)), causal_mask(b, width),
+        tiny_target,
+        jnp.asarray(seqs),
+        jnp.broadcast_to(jnp.arange(width), (b, width)),
+        causal_mask(b, width),
         init_cache(TINY, b, width),
     )
     at = lengths[:, None] - 1 + np.arange(20)[None, :]  # the position predicting each output token

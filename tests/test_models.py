@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, causal_logits, forward, random_model
 from jspec.models import (
     RopeScaling,
     attention_mask,
@@ -22,15 +21,28 @@ from jspec.models import (
     truncate,
 )
 
+from conftest import TINY, causal_logits, forward, random_model
+
 VARIANTS = {
     "llama-gqa": TINY,
     "qwen-like": dataclasses.replace(TINY, n_kv_heads=4, qkv_bias=True, qk_norm=True),
     "gpt2-like": dataclasses.replace(TINY, norm="layer", mlp="gelu", positions="learned", tie_embeddings=True),
     "gemma-like": dataclasses.replace(TINY, n_kv_heads=1, mlp="geglu", scale_embeddings=True, head_dim=16),
     "gemma2-like": dataclasses.replace(
-        TINY, n_kv_heads=1, mlp="geglu", scale_embeddings=True, head_dim=16, post_norms=True, attn_scale=0.3,
-        attn_softcap=2.0, final_softcap=3.0, sliding_window=4, sliding_window_layers=(0,),
-        rope_scaling=RopeScaling("llama3", 8.0, original_max_len=8), o_bias=True, mlp_bias=True,
+        TINY,
+        n_kv_heads=1,
+        mlp="geglu",
+        scale_embeddings=True,
+        head_dim=16,
+        post_norms=True,
+        attn_scale=0.3,
+        attn_softcap=2.0,
+        final_softcap=3.0,
+        sliding_window=4,
+        sliding_window_layers=(0,),
+        rope_scaling=RopeScaling("llama3", 8.0, original_max_len=8),
+        o_bias=True,
+        mlp_bias=True,
     ),
     "bfloat16": dataclasses.replace(TINY, dtype="bfloat16"),
 }
@@ -121,8 +133,8 @@ def test_commit_path_keeps_only_the_accepted_path():
     cache = init_cache(TINY, b, 16)
     _, cache = forward(model, prefix, jnp.broadcast_to(jnp.arange(4), (b, 4)), causal_mask(b, 4), cache)
     cache = commit(cache, jnp.full((b,), 4, jnp.int32))
-    tree_logits, cache = forward(model, 
-        nodes, 4 + jnp.broadcast_to(jnp.asarray(depth), (b, 5)), jnp.broadcast_to(jnp.asarray(ancestor), (b, 5, 5)), cache
+    tree_logits, cache = forward(
+        model, nodes, 4 + jnp.broadcast_to(jnp.asarray(depth), (b, 5)), jnp.broadcast_to(jnp.asarray(ancestor), (b, 5, 5)), cache
     )
     # Row 0 keeps the whole path, row 1 only its first two nodes (a padded path entry is ignored).
     path = jnp.asarray([[0, 2, 4], [0, 2, 4]], jnp.int32)
@@ -200,8 +212,15 @@ def test_save_load_round_trip(tmp_path, name):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("vocab_size", 0), ("n_heads", 3), ("mlp", "relu"), ("norm", "batch"), ("dtype", "float33"),
-        ("sliding_window", 0), ("sliding_window_layers", (0,)), ("attn_softcap", -1.0), ("rope_scaling", "llama3"),
+        ("vocab_size", 0),
+        ("n_heads", 3),
+        ("mlp", "relu"),
+        ("norm", "batch"),
+        ("dtype", "float33"),
+        ("sliding_window", 0),
+        ("sliding_window_layers", (0,)),
+        ("attn_softcap", -1.0),
+        ("rope_scaling", "llama3"),
     ],
 )
 def test_bad_config_raises(field, value):

@@ -8,13 +8,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_decode import first3_pvalue, unrelated_small_pair
 
 import jspec
-from conftest import assert_greedy_matches_target, perturbed
 from jspec.early_stop import FEATURES, ConfidenceStop, EarlyStop
 from jspec.multi_candidate import MultiCandidate
 from jspec.sampling import Sampling
-from test_decode import first3_pvalue, unrelated_small_pair
+
+from conftest import assert_greedy_matches_target, perturbed
 
 # A hand-set "learned" rule (continue while max_prob is high and entropy low), so the EarlyStop
 # path runs without training; tests/test_early_stop.py trains a real one.
@@ -115,8 +116,13 @@ def test_bad_arguments_raise(kwargs, message):
 def test_target_init_is_refused_unless_named_lossy(tiny_target):
     with pytest.raises(ValueError, match="target_init=True is not lossless.*lossy_target_init=True"):
         jspec.speculative_generate(
-            tiny_target, tiny_target, np.zeros((1, 3), np.int32), max_new_tokens=2, strategy=MultiCandidate(target_init=True),
-            sampling=Sampling(temperature=1.0), rng=jax.random.key(0),
+            tiny_target,
+            tiny_target,
+            np.zeros((1, 3), np.int32),
+            max_new_tokens=2,
+            strategy=MultiCandidate(target_init=True),
+            sampling=Sampling(temperature=1.0),
+            rng=jax.random.key(0),
         )
     MultiCandidate(lossy_target_init=True).check(Sampling(temperature=1.0))  # the explicit opt-in is accepted
 

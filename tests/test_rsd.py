@@ -10,17 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from test_decode import first3_pvalue
+from test_dynamic_tree import (
+    GREEDY_LENGTHS,
+    GREEDY_PROMPTS,
+    PROMPTS,
+    assert_greedy,
+    drafted_tree,
+    node_paths,
+    reference_logprobs,
+)
 
 import jspec
-from conftest import chi_square_pvalue, perturbed
 from jspec import rsd
 from jspec.rsd import RSD, top_perturbed, truncated_gumbel
 from jspec.sampling import Sampling
 from jspec.tree_verify import verify_tree_greedy, verify_tree_without_replacement
-from test_decode import first3_pvalue
-from test_dynamic_tree import (
-    GREEDY_LENGTHS, GREEDY_PROMPTS, PROMPTS, assert_greedy, drafted_tree, node_paths, reference_logprobs,
-)
+
+from conftest import chi_square_pvalue, perturbed
 
 BEAM = RSD(beam=2, depth=3)
 
@@ -93,7 +100,7 @@ def test_constant_branching_drafts_static_trees_gumbel_top_k(monkeypatch):
     monkeypatch.setattr(rsd, "draft_fixed_shape", lambda *args: calls.append(args) or "drafted")
     strategy = RSD(branching=(3, 2))
     assert strategy.draft("drafter", "cache", "prev", "last", "sampling", "key") == "drafted"
-    (shape, mode, *rest), = calls
+    ((shape, mode, *rest),) = calls
     expected = jspec.StaticTree((3, 2), children="without_replacement").shape
     assert mode == "without_replacement" and rest == ["drafter", "cache", "prev", "last", "sampling", "key"]
     np.testing.assert_array_equal(shape.parent, expected.parent)
@@ -144,7 +151,9 @@ def test_top_perturbed_has_the_law_of_the_top_two_gumbel_perturbed_log_probabili
     if control:
         rest = 1 - np.asarray(q)[tokens[:, 0]]
         values[:, 1] = np.log(rest) + np.asarray(jax.random.gumbel(jax.random.key(4), (n,)))
-    brute_values, brute_tokens = (np.asarray(x) for x in jax.lax.top_k(jnp.log(q) + jax.random.gumbel(jax.random.key(5), (n, 4)), 2))
+    brute_values, brute_tokens = (
+        np.asarray(x) for x in jax.lax.top_k(jnp.log(q) + jax.random.gumbel(jax.random.key(5), (n, 4)), 2)
+    )
     pair, brute_pair = tokens[:, 0] * 4 + tokens[:, 1], brute_tokens[:, 0] * 4 + brute_tokens[:, 1]
     assert chi_square_pvalue(pair, np.bincount(brute_pair, minlength=16) / n) > 1e-3
     pvalues = [stats.ks_2samp(values[:, 0], brute_values[:, 0]).pvalue]

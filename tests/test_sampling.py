@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import chi_square_pvalue
 from jspec.sampling import Sampling, residual, sample, sample_without_replacement, warp
+
+from conftest import chi_square_pvalue
 
 LOGITS = jnp.asarray([[1.0, 3.0, 2.0, 0.0, -1.0], [0.5, 0.5, 4.0, 1.0, 0.0]])
 

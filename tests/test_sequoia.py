@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decode import first3_pvalue
 
 import jspec
-from conftest import chi_square_pvalue, perturbed
 from jspec.sampling import Sampling
 from jspec.sequoia import (
     SequoiaTree,
@@ -27,7 +27,8 @@ from jspec.sequoia import (
     tree_value,
 )
 from jspec.tree_draft import FixedShape
-from test_decode import first3_pvalue
+
+from conftest import chi_square_pvalue, perturbed
 
 ACCEPTANCE = [
     (0.6, 0.3, 0.1),
@@ -51,9 +52,7 @@ def _forests(m: int, d: int) -> tuple:
         return ((),)
     if d < 0:
         return ()
-    return tuple(
-        (tree,) + rest for k in range(1, m + 1) for tree in _forests(k - 1, d - 1) for rest in _forests(m - k, d)
-    )
+    return tuple((tree,) + rest for k in range(1, m + 1) for tree in _forests(k - 1, d - 1) for rest in _forests(m - k, d))
 
 
 def _brute_value(tree: tuple, a: tuple) -> float:
@@ -238,7 +237,9 @@ def test_accepted_rank_at_temperature_zero_is_the_target_argmax_among_the_drafte
     draft_logits = jnp.asarray([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     target_probs = jax.nn.one_hot(jnp.asarray([1, 3, 3]), 4)  # warped at temperature 0: one-hot argmax
     sampling = Sampling()
-    ranks = accepted_rank(jax.random.key(0), draft_logits, jax.nn.one_hot(jnp.argmax(draft_logits, -1), 4), target_probs, 2, sampling)
+    ranks = accepted_rank(
+        jax.random.key(0), draft_logits, jax.nn.one_hot(jnp.argmax(draft_logits, -1), 4), target_probs, 2, sampling
+    )
     np.testing.assert_array_equal(ranks, [2, 0, 1])  # top-2 = (0, 1), (0, 1), (3, 2)
 
 
@@ -261,8 +262,14 @@ def test_identical_drafter_at_temperature_zero_accepts_its_first_child(tiny_targ
 def test_perturbed_drafter_gives_a_probability_vector_that_does_not_increase(tiny_target, measure_prompts, temperature):
     prompts, lengths = measure_prompts
     a = measure_acceptance(
-        tiny_target, perturbed(tiny_target, 1.0, seed=3), prompts, width=3, sampling=Sampling(temperature=temperature),
-        rng=jax.random.key(7), prompt_lengths=lengths, max_new_tokens=24,
+        tiny_target,
+        perturbed(tiny_target, 1.0, seed=3),
+        prompts,
+        width=3,
+        sampling=Sampling(temperature=temperature),
+        rng=jax.random.key(7),
+        prompt_lengths=lengths,
+        max_new_tokens=24,
     )
     assert a.shape == (3,) and (a >= 0).all() and a.sum() <= 1.0 and (np.diff(a) <= 0).all()
     assert 0.05 < a[0] < 0.95 and a[1] > 0, a  # neither the identical nor a useless drafter

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 import jspec
 from jspec import sharding
@@ -87,9 +88,22 @@ def test_every_variable_of_every_architecture_gets_a_spec():
     """All the model switches at once: each variable gets a spec of its own rank, in-process on
     a 1-device mesh, and shard_model places (and keeps) the weights and the model's output."""
     config = ModelConfig(
-        vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
-        tie_embeddings=False, qkv_bias=True, qk_norm=True, o_bias=True, mlp="gelu", norm="layer",
-        positions="learned", post_norms=True, head_tokens=16,
+        vocab_size=64,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=32,
+        tie_embeddings=False,
+        qkv_bias=True,
+        qk_norm=True,
+        o_bias=True,
+        mlp="gelu",
+        norm="layer",
+        positions="learned",
+        post_norms=True,
+        head_tokens=16,
     )
     model = Transformer(config, rngs=nnx.Rngs(0))
     for path, var in nnx.to_flat_state(nnx.state(model)):
@@ -134,6 +148,10 @@ def test_sharded_decoding_equals_unsharded_on_8_devices():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(root / "tests" / "sharded_decode_check.py")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0 and "SHARDED DECODE OK" in result.stdout, result.stdout + result.stderr[-6000:]

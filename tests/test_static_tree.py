@@ -6,10 +6,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_decode import first3_pvalue
 
 import jspec
+
 from conftest import assert_greedy_matches_target, perturbed
-from test_decode import first3_pvalue
 
 STRATEGIES = [
     jspec.StaticTree((2, 2, 1)),

@@ -14,8 +14,20 @@ from flax import nnx
 import jspec
 from train import demo_models, distill, pretrain, vocab_trim
 
-FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "colorsys.py",
-         "keyword.py", "fnmatch.py", "shlex.py", "glob.py", "copy.py"]
+FILES = [
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "bisect.py",
+    "heapq.py",
+    "colorsys.py",
+    "keyword.py",
+    "fnmatch.py",
+    "shlex.py",
+    "glob.py",
+    "copy.py",
+]
 
 
 def _corpus(tmp_path) -> str:
@@ -30,9 +42,29 @@ def _corpus(tmp_path) -> str:
 
 def test_pretrain_cli_trains_resumes_and_saves(tmp_path, capsys):
     corpus = _corpus(tmp_path)
-    common = ["--preset", "tiny", "--corpus", corpus, "--held-out-fraction", "0.3", "--steps", "8", "--batch-size", "2",
-              "--seq-len", "32", "--warmup-steps", "1", "--eval-every", "4", "--eval-batches", "2",
-              "--checkpoint-every", "2", "--no-progress"]
+    common = [
+        "--preset",
+        "tiny",
+        "--corpus",
+        corpus,
+        "--held-out-fraction",
+        "0.3",
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+    ]
     full = pretrain.main(["--out", str(tmp_path / "full"), *common])
     assert [h["step"] for h in full["history"]] == [4, 8]
 
@@ -62,11 +94,43 @@ def test_distill_cli_reports_agreement_and_resumes(tmp_path, capsys):
     jspec.models.save(Transformer(preset("tiny"), rngs=nnx.Rngs(0)), tmp_path / "target")
     small = dataclasses.replace(preset("tiny"), n_layers=1, d_model=32, d_ff=64)
     jspec.models.save(Transformer(small, rngs=nnx.Rngs(1)), tmp_path / "drafter")
-    common = ["--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "--tokenizer",
-              str(tmp_path / "tok.json"), "--corpus", corpus, "--held-out-fraction", "0.3", "--steps", "6",
-              "--batch-size", "2", "--seq-len", "32", "--prompt-len", "8", "--warmup-steps", "1", "--eval-every", "3",
-              "--eval-batches", "2", "--checkpoint-every", "3", "--data", "mix", "--k", "2", "--tau-prompts", "2",
-              "--tau-new-tokens", "8", "--no-progress"]
+    common = [
+        "--target",
+        str(tmp_path / "target"),
+        "--drafter",
+        str(tmp_path / "drafter"),
+        "--tokenizer",
+        str(tmp_path / "tok.json"),
+        "--corpus",
+        corpus,
+        "--held-out-fraction",
+        "0.3",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--prompt-len",
+        "8",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--data",
+        "mix",
+        "--k",
+        "2",
+        "--tau-prompts",
+        "2",
+        "--tau-new-tokens",
+        "8",
+        "--no-progress",
+    ]
     out = str(tmp_path / "distilled")
     partial = distill.main(["--out", out, *common, "--stop-after", "4"])
     assert "after" not in partial
@@ -90,16 +154,45 @@ def test_vocab_trim_cli_keeps_output_exact(tmp_path, capsys):
     target = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
     jspec.models.save(target, tmp_path / "target")
     jspec.models.save(Transformer(dataclasses.replace(preset("tiny"), n_layers=1), rngs=nnx.Rngs(1)), tmp_path / "drafter")
-    report = vocab_trim.main([
-        "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "--tokenizer", str(tmp_path / "tok.json"),
-        "--out", str(tmp_path / "trimmed"), "--keep", "128", "--corpus", corpus, "--held-out-fraction", "0.3",
-        "--count-prompts", "4", "--count-new-tokens", "16", "--prompt-len", "8", "--k", "2", "--eval-prompts", "2",
-        "--eval-new-tokens", "8", "--repeats", "1",
-    ])
+    report = vocab_trim.main(
+        [
+            "--target",
+            str(tmp_path / "target"),
+            "--drafter",
+            str(tmp_path / "drafter"),
+            "--tokenizer",
+            str(tmp_path / "tok.json"),
+            "--out",
+            str(tmp_path / "trimmed"),
+            "--keep",
+            "128",
+            "--corpus",
+            corpus,
+            "--held-out-fraction",
+            "0.3",
+            "--count-prompts",
+            "4",
+            "--count-new-tokens",
+            "16",
+            "--prompt-len",
+            "8",
+            "--k",
+            "2",
+            "--eval-prompts",
+            "2",
+            "--eval-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+        ]
+    )
     assert "measured speedup of the trimmed drafter" in capsys.readouterr().out
     saved = (512 - 128) * preset("tiny").d_model
     assert report["untrimmed"]["weights_read_per_token"] - report["trimmed"]["weights_read_per_token"] == saved
-    assert report["trimmed"]["mbsu_t0"] * report["untrimmed"]["tau_t0"] > report["untrimmed"]["mbsu_t0"] * report["trimmed"]["tau_t0"]
+    assert (
+        report["trimmed"]["mbsu_t0"] * report["untrimmed"]["tau_t0"]
+        > report["untrimmed"]["mbsu_t0"] * report["trimmed"]["tau_t0"]
+    )
     trimmed = jspec.models.load(tmp_path / "trimmed" / "model")
     assert trimmed.config.head_tokens == 128
     prompts = np.random.default_rng(0).integers(0, 512, (2, 8)).astype(np.int32)

@@ -36,8 +36,9 @@ def test_divergences_match_their_definitions():
         divergence("l2", P, Q)
 
 
-TARGET = ModelConfig(vocab_size=32, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,
-                     tie_embeddings=False)
+TARGET = ModelConfig(
+    vocab_size=32, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64, tie_embeddings=False
+)
 DRAFTER = dataclasses.replace(TARGET, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
 
 
@@ -59,8 +60,9 @@ def _taus(target, drafter) -> tuple[float, float]:
     return tuple(measure_tau(target, drafter, PROMPTS, k=3, temperature=t, max_new_tokens=32) for t in (1.0, 0.0))
 
 
-CONFIG = TrainConfig(steps=40, batch_size=8, seq_len=24, learning_rate=1e-2, warmup_steps=4, eval_every=40,
-                     eval_batches=2, checkpoint_every=40)
+CONFIG = TrainConfig(
+    steps=40, batch_size=8, seq_len=24, learning_rate=1e-2, warmup_steps=4, eval_every=40, eval_batches=2, checkpoint_every=40
+)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
@@ -68,8 +70,9 @@ def test_distillation_lowers_the_divergence_and_raises_alpha(toy, kind, tmp_path
     target, stream, held = toy
     drafter = Transformer(DRAFTER, rngs=nnx.Rngs(1))
     before = measure_divergence(target, drafter, held, kind, 1.0), measure_alpha(target, drafter, held, 1.0)
-    trained, history = distill(target, drafter, stream, held, CONFIG, DistillConfig(divergence=kind), str(tmp_path),
-                               progress=False, log=lambda s: None)
+    trained, history = distill(
+        target, drafter, stream, held, CONFIG, DistillConfig(divergence=kind), str(tmp_path), progress=False, log=lambda s: None
+    )
     after = history[-1][f"held_out_{kind}"], history[-1]["held_out_alpha"]
     assert after[0] < 0.8 * before[0]
     assert after[1] > before[1] + 0.05
@@ -83,8 +86,17 @@ def test_distillation_on_generated_data(toy, data, tmp_path):
     tau_before = _taus(target, drafter)
     alpha_before = measure_alpha(target, drafter, held, 1.0)
     config = dataclasses.replace(CONFIG, steps=30, eval_every=30, checkpoint_every=30)
-    trained, history = distill(target, drafter, stream, held, config, DistillConfig(data=data, prompt_len=8),
-                               str(tmp_path), progress=False, log=lambda s: None)
+    trained, history = distill(
+        target,
+        drafter,
+        stream,
+        held,
+        config,
+        DistillConfig(data=data, prompt_len=8),
+        str(tmp_path),
+        progress=False,
+        log=lambda s: None,
+    )
     assert history[-1]["held_out_alpha"] > alpha_before + 0.05
     tau_after = _taus(target, trained)
     assert tau_after[0] > tau_before[0] + 0.2 and tau_after[1] > tau_before[1] + 0.3

@@ -28,8 +28,9 @@ def _params(model):
 
 def test_training_lowers_held_out_loss(tmp_path):
     train_stream, held = _streams()
-    config = TrainConfig(steps=60, batch_size=8, seq_len=24, learning_rate=3e-3, warmup_steps=5, eval_every=30,
-                         eval_batches=4, checkpoint_every=60)
+    config = TrainConfig(
+        steps=60, batch_size=8, seq_len=24, learning_rate=3e-3, warmup_steps=5, eval_every=30, eval_batches=4, checkpoint_every=60
+    )
     model = Transformer(CONFIG, rngs=nnx.Rngs(0))
     before = _params(model)
     _, history = train(model, train_stream, held, config, str(tmp_path / "ckpt"), progress=False, log=lambda s: None)
@@ -42,8 +43,7 @@ def test_training_lowers_held_out_loss(tmp_path):
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path):
     train_stream, held = _streams()
-    config = TrainConfig(steps=10, batch_size=4, seq_len=16, warmup_steps=2, eval_every=5, eval_batches=2,
-                         checkpoint_every=3)
+    config = TrainConfig(steps=10, batch_size=4, seq_len=16, warmup_steps=2, eval_every=5, eval_batches=2, checkpoint_every=3)
     quiet = dict(progress=False, log=lambda s: None)
     full, full_history = train(Transformer(CONFIG, rngs=nnx.Rngs(1)), train_stream, held, config, str(tmp_path / "a"), **quiet)
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import jspec
-from conftest import TINY, chi_square_pvalue, forward, perturbed, random_model
 from jspec.models import causal_mask, init_cache
 from jspec.sampling import Sampling, warp
 from jspec.training.vocab_trim import (
@@ -23,6 +22,8 @@ from jspec.training.vocab_trim import (
     trim_drafter,
     weights_read_per_token,
 )
+
+from conftest import TINY, chi_square_pvalue, forward, perturbed, random_model
 
 
 def _logits(model, tokens):
@@ -98,8 +99,13 @@ def test_trimmed_drafter_keeps_the_exact_target_distribution(verifier):
     codes = []
     for seed in range(3):
         out = jspec.speculative_generate(
-            target, trimmed, np.repeat(prompt, 8192, 0), max_new_tokens=3, strategy=jspec.Chain(2, verifier),
-            sampling=Sampling(1.0), rng=jax.random.key(seed),
+            target,
+            trimmed,
+            np.repeat(prompt, 8192, 0),
+            max_new_tokens=3,
+            strategy=jspec.Chain(2, verifier),
+            sampling=Sampling(1.0),
+            rng=jax.random.key(seed),
         )
         t = np.asarray(out.tokens)
         codes.append(t[:, 0] * 16 + t[:, 1] * 4 + t[:, 2])

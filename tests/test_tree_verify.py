@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import jspec.tree_verify as tree_verify
-from conftest import chi_square_pvalue
-from jspec.trees import tree_from_parents
 from jspec.tree_verify import TREE_VERIFIERS
+from jspec.trees import tree_from_parents
+
+from conftest import chi_square_pvalue
 
 VOCAB = 5
 TRIALS = 100_000
@@ -56,7 +57,9 @@ def _run(name: str, drafts: str, seed: int = 0, root_support: int = VOCAB):
     target = jnp.broadcast_to(jnp.asarray(p[DEPTH]), (TRIALS, len(PARENT), VOCAB))
     draft = jnp.broadcast_to(jnp.asarray(q[DEPTH]), (TRIALS, len(PARENT), VOCAB))
     verify = TREE_VERIFIERS[name]
-    verdict = jax.jit(lambda *args: verify(*args))(jax.random.key(seed + 2), tree, draft, target)  # traced anew: sees monkeypatches
+    verdict = jax.jit(lambda *args: verify(*args))(
+        jax.random.key(seed + 2), tree, draft, target
+    )  # traced anew: sees monkeypatches
     node = np.asarray(verdict.node)
     depth_1 = np.where(DEPTH[node] == 2, PARENT[node], node)  # the accepted path's node at depth 1
     tokens, accepted, nxt = np.asarray(tokens), np.asarray(verdict.accepted), np.asarray(verdict.next_token)

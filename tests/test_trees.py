@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, forward, random_model
 from jspec.models import causal_mask, commit, init_cache
 from jspec.trees import commit_tree_path, tree_ancestor_mask, tree_from_parents, tree_path, tree_positions
+
+from conftest import TINY, forward, random_model
 
 N = 8
 
@@ -77,8 +78,10 @@ def test_one_pass_scores_every_node_as_its_root_path_and_commit_keeps_the_path()
     b = parent.shape[0]
     prompts = np.asarray(jax.random.randint(jax.random.key(6), (b, 5), 0, TINY.vocab_size))
     cache = init_cache(model.config, b, 5 + N + 1)
-    cache = commit(forward(model, jnp.asarray(prompts), jnp.broadcast_to(jnp.arange(5), (b, 5)), causal_mask(b, 5), cache)[1],
-                   jnp.full((b,), 5, jnp.int32))
+    cache = commit(
+        forward(model, jnp.asarray(prompts), jnp.broadcast_to(jnp.arange(5), (b, 5)), causal_mask(b, 5), cache)[1],
+        jnp.full((b,), 5, jnp.int32),
+    )
     logits, cache = forward(model, tree.tokens, tree_positions(tree, cache.lengths), tree_ancestor_mask(tree), cache)
     tokens = np.asarray(tree.tokens)
     for row in range(b):

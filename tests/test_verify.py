@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import chi_square_pvalue
 from jspec.sampling import residual, sample
 from jspec.verify import (
     CHAIN_VERIFIERS,
@@ -18,6 +17,8 @@ from jspec.verify import (
     verify_greedy,
     verify_sampling,
 )
+
+from conftest import chi_square_pvalue
 
 TRIALS = 200_000
 VOCAB, K = 6, 3
@@ -36,9 +37,7 @@ def _run(verifier, p, q, trials=TRIALS, seed=0):
     key_draft, key_verify = jax.random.split(jax.random.key(seed))
     k, v = q.shape
     drafts = jax.random.categorical(key_draft, jnp.log(q), shape=(trials, k)).astype(jnp.int32)
-    verdict = jax.jit(verifier)(
-        key_verify, drafts, jnp.broadcast_to(q, (trials, k, v)), jnp.broadcast_to(p, (trials, k + 1, v))
-    )
+    verdict = jax.jit(verifier)(key_verify, drafts, jnp.broadcast_to(q, (trials, k, v)), jnp.broadcast_to(p, (trials, k + 1, v)))
     return drafts, verdict
 
 

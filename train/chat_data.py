@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=32, help="target log-probabilities kept per position (default: 32)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call and shard (default: 16)")
     p.add_argument("--bucket", type=int, default=64, help="prompt widths are padded to a multiple of this (default: 64)")
+    p.add_argument(
+        "--shard-range",
+        default=None,
+        metavar="A:B",
+        help="write only shards A..B-1 of the plan (parallel jobs, or a subset; default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -86,10 +92,13 @@ def main(argv: list[str] | None = None) -> None:
             items.append({**inst, "index": i, "ids": ids})
     batches = plan_batches(items, args.batch_size, args.greedy_fraction, args.seed)
     print(f"{len(items)} instructions ({len(instructions) - len(items)} skipped as too long), {len(batches)} shards -> {out}")
+    first, last = 0, len(batches)
+    if args.shard_range:
+        first, last = (int(x) for x in args.shard_range.split(":"))
     total_tokens, started = 0, time.perf_counter()
     for b, batch in enumerate(batches):
         path = out / f"shard-{b:05d}.npz"
-        if path.exists():
+        if path.exists() or not first <= b < last:
             continue
         rows = batch["items"]
         width = -(-max(len(r["ids"]) for r in rows) // args.bucket) * args.bucket
@@ -107,10 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         write_shard(path, examples, meta)
         total_tokens += sum(len(e["answer"]) for e in examples)
         rate = total_tokens / (time.perf_counter() - started)
-        print(f"shard {b + 1}/{len(batches)}: width {width}, {batch['sampling']}, {total_tokens} answer tokens, {rate:.0f} tokens/s", flush=True)
-    with open(out / "summary.json.partial", "w") as f:
-        json.dump({"argv": argv, "args": vars(args), "instructions": len(items), "shards": len(batches)}, f, indent=2)
-    (out / "summary.json.partial").replace(out / "summary.json")
+        print(
+            f"shard {b + 1}/{len(batches)}: width {width}, {batch['sampling']}, {total_tokens} answer tokens, "
+            f"{rate:.0f} tokens/s",
+            flush=True,
+        )
+    if (first, last) == (0, len(batches)):  # the whole plan is written
+        with open(out / "summary.json.partial", "w") as f:
+            json.dump({"args": vars(args), "instructions": len(items), "shards": len(batches)}, f, indent=2)
+        (out / "summary.json.partial").replace(out / "summary.json")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     target, drafter, tokenizer = load(args.target), load(args.drafter), load_tokenizer(args.tokenizer)
     save_tokenizer(tokenizer, os.path.join(args.out, "tokenizer.json"))
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every,
     )
     distill_config = DistillConfig(
-        divergence=args.divergence, data=args.data, temperature=args.temperature, prompt_len=args.prompt_len,
+        divergence=args.divergence,
+        data=args.data,
+        temperature=args.temperature,
+        prompt_len=args.prompt_len,
         on_policy_fraction=args.on_policy_fraction,
     )
     train_docs, held_docs = split_corpus(read_corpus(args.corpus), args.held_out_fraction, seed=0)
@@ -90,12 +99,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     before = agreement(target, drafter, windows, prompts, args)
     print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-    metadata = {"train_config": dataclasses.asdict(config), "distill_config": dataclasses.asdict(distill_config),
-                "target": args.target, "drafter": args.drafter, "corpus": args.corpus}
+    metadata = {
+        "train_config": dataclasses.asdict(config),
+        "distill_config": dataclasses.asdict(distill_config),
+        "target": args.target,
+        "drafter": args.drafter,
+        "corpus": args.corpus,
+    }
     start = time.perf_counter()
     trained, history = distill(
-        target, drafter, train_stream, windows, config, distill_config, os.path.join(args.out, "checkpoints"),
-        metadata=metadata, stop_after=args.stop_after, progress=not args.no_progress,
+        target,
+        drafter,
+        train_stream,
+        windows,
+        config,
+        distill_config,
+        os.path.join(args.out, "checkpoints"),
+        metadata=metadata,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
     )
     summary = {**metadata, "before": before, "history": history, "seconds_this_run": time.perf_counter() - start}
     if history and history[-1]["step"] == config.steps:

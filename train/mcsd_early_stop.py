@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--target", help="target model directory (default: jspec.demo 'target')")
     p.add_argument("--drafter", help="drafter model directory (default: jspec.demo 'drafter-distilled')")
-    p.add_argument("--prompt-source", choices=("demo", "random"), default="demo",
-                   help="jspec.demo.prompts() or uniform random tokens (for models without a tokenizer)")
+    p.add_argument(
+        "--prompt-source",
+        choices=("demo", "random"),
+        default="demo",
+        help="jspec.demo.prompts() or uniform random tokens (for models without a tokenizer)",
+    )
     p.add_argument("--prompts", type=int, default=64, help="number of prompts (demo: at most the bundled ones)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=16, help="speculative rounds recorded per prompt")
@@ -66,7 +70,9 @@ def _collect(target_graph, target_state, drafter_graph, drafter_state, prompts, 
     key_prefill, key_rounds = jax.random.split(key)
     logits, target_cache = prefill(target, prompts, lengths, size)
     _, drafter_cache = prefill(drafter, prompts, lengths, size)
-    carry = ChainCarry(target_cache, truncate(drafter_cache, lengths - 1), prompts[:, -1], sample(key_prefill, warp(logits, sampling)))
+    carry = ChainCarry(
+        target_cache, truncate(drafter_cache, lengths - 1), prompts[:, -1], sample(key_prefill, warp(logits, sampling))
+    )
     active = jnp.ones((b,), bool)
 
     def one_round(carry, key):
@@ -107,8 +113,17 @@ def collect(target, drafter, prompts: np.ndarray, strategy, sampling, rounds: in
         batch = prompts[start : start + batch_size]
         n = len(batch)
         batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - n, 0)]) if n < batch_size else batch
-        f, a = _collect(tg, ts, dg, ds, jnp.asarray(batch), jax.random.key(seed * 1000 + i),
-                        strategy=strategy, sampling=sampling, rounds=rounds)
+        f, a = _collect(
+            tg,
+            ts,
+            dg,
+            ds,
+            jnp.asarray(batch),
+            jax.random.key(seed * 1000 + i),
+            strategy=strategy,
+            sampling=sampling,
+            rounds=rounds,
+        )
         feats.append(np.asarray(f)[:, :n])
         accs.append(np.asarray(a)[:, :n])
     return examples(np.concatenate(feats, axis=1), np.concatenate(accs, axis=1))
@@ -138,18 +153,26 @@ def main(argv: list[str] | None = None) -> dict:
     held_x, held_y = collect(target, drafter, prompts[-n_held:], strategy, sampling, args.rounds, args.batch_size, args.seed + 1)
     print(f"examples: {len(train_y)} train, {len(held_y)} held out; P(next level accepted) = {train_y.mean():.3f}")
 
-    params, history = es.fit(train_x, train_y, steps=args.steps, learning_rate=args.learning_rate, hidden=args.hidden, seed=args.seed)
+    params, history = es.fit(
+        train_x, train_y, steps=args.steps, learning_rate=args.learning_rate, hidden=args.hidden, seed=args.seed
+    )
     summary = {
-        "k_config": list(k_config), "temperature": args.temperature, "features": list(es.FEATURES),
-        "train_examples": len(train_y), "held_out_examples": len(held_y),
-        "loss_first": history[0], "loss_last": history[-1],
+        "k_config": list(k_config),
+        "temperature": args.temperature,
+        "features": list(es.FEATURES),
+        "train_examples": len(train_y),
+        "held_out_examples": len(held_y),
+        "loss_first": history[0],
+        "loss_last": history[-1],
         "train_accuracy": es.accuracy(params, train_x, train_y),
         "held_out_accuracy": es.accuracy(params, held_x, held_y),
         "held_out_majority_baseline": float(max(held_y.mean(), 1 - held_y.mean())),
         "threshold": args.threshold,
     }
-    print(f"loss {history[0]:.4f} -> {history[-1]:.4f}; held-out accuracy {summary['held_out_accuracy']:.3f} "
-          f"(majority baseline {summary['held_out_majority_baseline']:.3f})")
+    print(
+        f"loss {history[0]:.4f} -> {history[-1]:.4f}; held-out accuracy {summary['held_out_accuracy']:.3f} "
+        f"(majority baseline {summary['held_out_majority_baseline']:.3f})"
+    )
     es.save(es.EarlyStop.from_params(params, args.threshold), path)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

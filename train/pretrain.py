@@ -56,9 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     config = dataclasses.replace(preset(args.preset), dtype=args.dtype)
     train_config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every,
     )
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len {config.max_seq_len}")
@@ -80,25 +88,39 @@ def main(argv: list[str] | None = None) -> dict:
         save_tokenizer(tokenizer, os.path.join(args.out, "tokenizer.json"))
     train_stream = token_stream(train_docs, tokenizer)
     held_stream = token_stream(held_docs, tokenizer)
-    print(f"corpus {args.corpus}: {len(train_docs)} train files ({len(train_stream)} tokens), "
-          f"{len(held_docs)} held-out files ({len(held_stream)} tokens)")
+    print(
+        f"corpus {args.corpus}: {len(train_docs)} train files ({len(train_stream)} tokens), "
+        f"{len(held_docs)} held-out files ({len(held_stream)} tokens)"
+    )
 
     model = Transformer(config, rngs=nnx.Rngs(args.seed))
     metadata = {"model_config": config.to_dict(), "train_config": dataclasses.asdict(train_config), "corpus": args.corpus}
     start = time.perf_counter()
     model, history = train(
-        model, train_stream, held_stream, train_config, os.path.join(args.out, "checkpoints"),
-        metadata=metadata, stop_after=args.stop_after, progress=not args.no_progress,
+        model,
+        train_stream,
+        held_stream,
+        train_config,
+        os.path.join(args.out, "checkpoints"),
+        metadata=metadata,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
-    summary = {**metadata, "history": history, "tokens_per_step": train_config.batch_size * train_config.seq_len,
-               "seconds_this_run": seconds}
+    summary = {
+        **metadata,
+        "history": history,
+        "tokens_per_step": train_config.batch_size * train_config.seq_len,
+        "seconds_this_run": seconds,
+    }
     finished = bool(history) and history[-1]["step"] == train_config.steps
     if finished:
         model_dir = os.path.join(args.out, "model")
         if not os.path.exists(model_dir):
             save(model, model_dir)
-        print(f"final held-out loss {history[-1]['held_out_loss']:.4f} (ppl {history[-1]['held_out_ppl']:.2f}); model: {model_dir}")
+        print(
+            f"final held-out loss {history[-1]['held_out_loss']:.4f} (ppl {history[-1]['held_out_ppl']:.2f}); model: {model_dir}"
+        )
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

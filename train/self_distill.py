@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="smollm2-135m", help="smollm2-135m or a .gguf file (default: smollm2-135m)")
     p.add_argument("--data", required=True, help="training shard directory (train.chat_data)")
     p.add_argument("--held-out", required=True, help="held-out shard directory")
+    p.add_argument("--max-shards", type=int, default=None, help="train on the first N shards only (design comparisons)")
     p.add_argument("--init", default="shallow:1", help="shallow:N or scratch:D:L:F (default: shallow:1)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument(
-        "--keep", type=int, default=None,
+        "--keep",
+        type=int,
+        default=None,
         help="VocabTrim first: cut the drafter's head to the K tokens the target emits most often in the "
-        "training answers (plus EOS), and distil over those (default: the full vocabulary)",
+        "training answers (plus EOS; ties to tokens frequent in the prompts), and distil over those "
+        "(default: the full vocabulary)",
     )
     p.add_argument("--row-len", type=int, default=512, help="packed row length in tokens (default: 512)")
     p.add_argument("--steps", type=int, default=2000)
@@ -84,14 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     target, tokenizer = load_chat_target(args.target)
     drafter, frozen_embedding = initial_drafter(args.init, target)
-    train_examples, _ = read_shards(args.data)
+    train_examples, _ = read_shards(args.data, limit=args.max_shards)
     held_examples, _ = read_shards(args.held_out)
     if not train_examples or not held_examples:
         raise SystemExit(f"no shards in {args.data if not train_examples else args.held_out}")
     trim = None
     if args.keep is not None:
-        counts = token_counts(np.concatenate([e["answer"] for e in train_examples]), target.config.vocab_size)
-        keep = most_frequent(counts, args.keep, always_keep=(tokenizer.eos_id,))
+        vocab = target.config.vocab_size
+        counts = token_counts(np.concatenate([e["answer"] for e in train_examples]), vocab)
+        prompt_counts = token_counts(np.concatenate([e["prompt"] for e in train_examples]), vocab)
+        keep = most_frequent(counts, args.keep, always_keep=(tokenizer.eos_id,), tie_break=prompt_counts)
         drafter = trim_drafter(drafter, keep)
         held_counts = token_counts(np.concatenate([e["answer"] for e in held_examples]), target.config.vocab_size)
         trim = {
@@ -99,8 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
             "train_coverage": float(counts[keep].sum() / counts.sum()),
             "held_out_coverage": float(held_counts[keep].sum() / held_counts.sum()),
         }
-        print(f"VocabTrim: {args.keep} tokens cover {trim['train_coverage']:.2%} of the training answers' tokens, "
-              f"{trim['held_out_coverage']:.2%} of the held-out answers'", flush=True)
+        print(
+            f"VocabTrim: {args.keep} tokens cover {trim['train_coverage']:.2%} of the training answers' tokens, "
+            f"{trim['held_out_coverage']:.2%} of the held-out answers'",
+            flush=True,
+        )
     train_rows = pack_examples(train_examples, args.row_len)
     held_rows = pack_examples(held_examples, args.row_len)
     print(

@@ -61,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tokens_per_s(target, drafter, prompts, args, sampling) -> float:
     call = lambda: jspec.speculative_generate(
-        target, drafter, prompts, max_new_tokens=args.eval_new_tokens, strategy=jspec.Chain(k=args.k),
-        sampling=sampling, rng=jax.random.key(args.seed),
+        target,
+        drafter,
+        prompts,
+        max_new_tokens=args.eval_new_tokens,
+        strategy=jspec.Chain(k=args.k),
+        sampling=sampling,
+        rng=jax.random.key(args.seed),
     )
     out = jax.block_until_ready(call())  # compile
     times = []
@@ -85,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.count_on == "target":
         prompts = batch_at(train_stream, 0, args.count_prompts, args.prompt_len, args.seed)[:, : args.prompt_len]
         counts = target_generation_counts(
-            target, prompts, max_new_tokens=args.count_new_tokens, sampling=Sampling(args.count_temperature),
+            target,
+            prompts,
+            max_new_tokens=args.count_new_tokens,
+            sampling=Sampling(args.count_temperature),
             rng=jax.random.key(args.seed),
         )
     else:
@@ -96,12 +104,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"kept {args.keep} of {vocab} tokens, covering {coverage:.1%} of the counted ({args.count_on}) tokens")
 
     windows = [w[:, :-1] for w in eval_batches(held_stream, 8, 128, 4)]
-    eval_prompts = eval_batches(held_stream[len(held_stream) // 2 :], args.eval_prompts, args.prompt_len, 1)[0][:, : args.prompt_len]
+    eval_prompts = eval_batches(held_stream[len(held_stream) // 2 :], args.eval_prompts, args.prompt_len, 1)[0][
+        :, : args.prompt_len
+    ]
     report = {"keep": args.keep, "count_on": args.count_on, "coverage": coverage, "vocab_size": vocab}
     for name, model in (("untrimmed", drafter), ("trimmed", trimmed)):
         row = {"weights_read_per_token": weights_read_per_token(model)}
         for t in (0.0, 1.0):
-            tau = measure_tau(target, model, eval_prompts, k=args.k, temperature=t, max_new_tokens=args.eval_new_tokens, seed=args.seed)
+            tau = measure_tau(
+                target, model, eval_prompts, k=args.k, temperature=t, max_new_tokens=args.eval_new_tokens, seed=args.seed
+            )
             row[f"alpha_t{t:g}"] = measure_alpha(target, model, windows, t)
             row[f"tau_t{t:g}"] = tau
             row[f"mbsu_t{t:g}"] = memory_bound_speedup(tau, args.k, model, target)
@@ -110,8 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     for t in ("t0", "t1"):
         report[f"speedup_vs_untrimmed_{t}"] = report["trimmed"][f"tokens_per_s_{t}"] / report["untrimmed"][f"tokens_per_s_{t}"]
-    print(f"measured speedup of the trimmed drafter over the untrimmed one: "
-          f"{report['speedup_vs_untrimmed_t0']:.3f}x (T=0), {report['speedup_vs_untrimmed_t1']:.3f}x (T=1)")
+    print(
+        f"measured speedup of the trimmed drafter over the untrimmed one: "
+        f"{report['speedup_vs_untrimmed_t0']:.3f}x (T=0), {report['speedup_vs_untrimmed_t1']:.3f}x (T=1)"
+    )
     if not os.path.exists(os.path.join(args.out, "model")):
         save(trimmed, os.path.join(args.out, "model"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -27,6 +27,7 @@ import json
 import pathlib
 
 import numpy as np
+from flax import nnx
 from tokenizers import Tokenizer
 
 from jspec.demo import smollm2
@@ -65,9 +66,9 @@ def load(name: str, *, param_dtype: str | None = None) -> Transformer:
     """
     _check_name(name)
     if name == SMOLLM2:
-        from jspec.models.gguf import from_gguf
-
-        return from_gguf(smollm2.gguf_path(), param_dtype=param_dtype)
+        graph, state = _smollm2_state()  # dequantized once per process; every call gets its own module
+        model = nnx.merge(graph, state)
+        return model if param_dtype is None else cast(model, param_dtype)
     path = model_path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"demo model {name!r} is missing at {path}; see its card for the training recipe")
@@ -79,14 +80,14 @@ def load(name: str, *, param_dtype: str | None = None) -> Transformer:
 
 
 @functools.cache
-def _smollm2_embedding_array():
-    from jspec.models.gguf import GGUFFile
+def _smollm2_state():
+    from jspec.models.gguf import from_gguf
 
-    return GGUFFile(smollm2.gguf_path()).dequantized("token_embd.weight")
+    return nnx.split(from_gguf(smollm2.gguf_path()))
 
 
 def _smollm2_embedding() -> dict:
-    return {"embed": {"embedding": _smollm2_embedding_array()}}
+    return {"embed": {"embedding": _smollm2_state()[1]["embed"]["embedding"][...]}}
 
 
 @functools.cache

@@ -64,7 +64,9 @@ def load(path: str | os.PathLike, *, shared: dict | None = None) -> Transformer:
         state = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     given = dict(shared or {})
     if sorted(given) != sorted(groups):
-        raise ValueError(f"checkpoint {path!r} was saved without {sorted(groups)}; shared must give exactly those, got {sorted(given)}")
+        raise ValueError(
+            f"checkpoint {path!r} was saved without {sorted(groups)}; shared must give exactly those, got {sorted(given)}"
+        )
     like = abstract_shared.to_pure_dict()
     want = jax.tree.map(lambda x: tuple(x.shape), like)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), given)

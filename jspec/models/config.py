@@ -100,18 +100,19 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.head_tokens is not None:
-            if isinstance(self.head_tokens, bool) or not isinstance(self.head_tokens, int) or not 1 <= self.head_tokens <= self.vocab_size:
+            if (
+                isinstance(self.head_tokens, bool)
+                or not isinstance(self.head_tokens, int)
+                or not 1 <= self.head_tokens <= self.vocab_size
+            ):
                 raise ValueError(f"ModelConfig.head_tokens must be None or in [1, vocab_size], got {self.head_tokens!r}")
             if self.tie_embeddings:
                 raise ValueError("ModelConfig.head_tokens needs tie_embeddings=False (the trimmed head is its own matrix)")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
-                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
-                "when head_dim is not given"
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) when head_dim is not given"
             )
         if self.positions == "rope" and self.resolved_head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.resolved_head_dim}")

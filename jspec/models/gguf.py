@@ -136,7 +136,9 @@ def hf_config_from_gguf(file: GGUFFile) -> dict:
     if int(value_dim) != head_dim:
         raise ValueError(f"GGUF {key('attention.value_length')}={value_dim} differs from the key length {head_dim}")
     if file.get(key("rope.dimension_count")) not in (None, head_dim):
-        raise ValueError(f"GGUF {key('rope.dimension_count')}={file.get(key('rope.dimension_count'))} (partial RoPE) is not supported")
+        raise ValueError(
+            f"GGUF {key('rope.dimension_count')}={file.get(key('rope.dimension_count'))} (partial RoPE) is not supported"
+        )
     vocab = file.get(key("vocab_size"))
     if vocab is None:
         vocab = len(file.require("tokenizer.ggml.tokens"))
@@ -246,4 +248,12 @@ def from_gguf(
     )
 
 
-__all__ = ["GGUFFile", "GGUF_FAMILIES", "config_from_gguf", "from_gguf", "hf_config_from_gguf", "hf_tensors_from_gguf", "unpermute_rotary"]
+__all__ = [
+    "GGUFFile",
+    "GGUF_FAMILIES",
+    "config_from_gguf",
+    "from_gguf",
+    "hf_config_from_gguf",
+    "hf_tensors_from_gguf",
+    "unpermute_rotary",
+]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -448,7 +449,9 @@ def model_from_tensors(
             _set_path(params, path, value.astype(want.dtype))
             used.add(name)
     tied_head = config.tie_embeddings and "lm_head.weight" in tensors  # some checkpoints store the tied copy
-    unused = sorted(k for k in tensors if k not in used and not k.endswith(_BUFFER_SUFFIXES) and not (tied_head and k == "lm_head.weight"))
+    unused = sorted(
+        k for k in tensors if k not in used and not k.endswith(_BUFFER_SUFFIXES) and not (tied_head and k == "lm_head.weight")
+    )
     if unused:
         raise ValueError(f"{source} has tensors jspec's {family} model does not use: {unused[:8]}")
     missing = [p for p in _leaf_paths(params) if isinstance(_get_path(params, p), jax.ShapeDtypeStruct)]

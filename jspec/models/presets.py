@@ -6,22 +6,14 @@ from jspec.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # ~15.7M parameters (3.1M of them the tied embedding).
-    "target-16m": ModelConfig(
-        vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, max_seq_len=1024
-    ),
+    "target-16m": ModelConfig(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, max_seq_len=1024),
     # ~3.7M parameters (2.1M of them the tied embedding).
-    "drafter-4m": ModelConfig(
-        vocab_size=8192, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024
-    ),
+    "drafter-4m": ModelConfig(vocab_size=8192, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024),
     # The bundled demo models (jspec.demo), sized to train on a 2-core CPU in under an hour.
     # ~6.8M parameters (2.1M of them the tied embedding); ~1,750 training tokens/s on 2 CPU cores.
-    "target-7m": ModelConfig(
-        vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024
-    ),
+    "target-7m": ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024),
     # ~1.5M parameters (1.0M of them the tied embedding); ~8,000 training tokens/s on 2 CPU cores.
-    "drafter-1.5m": ModelConfig(
-        vocab_size=8192, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=384, max_seq_len=1024
-    ),
+    "drafter-1.5m": ModelConfig(vocab_size=8192, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=384, max_seq_len=1024),
     # For tests and smoke runs.
     "tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
 }

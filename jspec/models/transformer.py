@@ -26,7 +26,9 @@ _NEG_INF = -1e30  # finite, so fully masked rows (padding) give uniform weights,
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies `[D/2]` (float32), computed as Hugging Face does, scaling included."""
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(
+        np.float32
+    )
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":

@@ -220,7 +220,8 @@ def _math_problem(rng: random.Random) -> tuple[str, str]:
         ("math_reasoning", f"{name} has {a} {item}. She buys {b} more and gives away {c}. How many {item} does she have now?"),
         ("math_reasoning", f"A box holds {c} {item}. How many boxes are needed for {a * c + rng.randint(1, c - 1)} {item}?"),
         ("math_reasoning", f"{name} reads {c} pages a day. How many days does it take to read a book of {a * c} pages?"),
-        ("math_reasoning", f"A shop sells {item} for ${c} each. {name} pays with ${a * c + b}. How much change does {name} get back if {name} buys {a} {item}?"),
+        ("math_reasoning", f"A shop sells {item} for ${c} each. {name} pays with ${a * c + b}. "
+                           f"How much change does {name} get back if {name} buys {a} {item}?"),
         ("math_reasoning", f"A train travels {a * 10} km in {c} hours. What is its average speed?"),
         ("math_reasoning", f"{name} saves ${b} every week. How much has {name} saved after {a} weeks?"),
     )  # fmt: skip

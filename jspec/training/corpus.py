@@ -58,9 +58,7 @@ def read_corpus(source: str = STDLIB) -> list[Document]:
     raise ValueError(f"source must be 'stdlib', a folder or a .jsonl file, got {source!r}")
 
 
-def split_corpus(
-    docs: list[Document], held_out_fraction: float = 0.05, seed: int = 0
-) -> tuple[list[Document], list[Document]]:
+def split_corpus(docs: list[Document], held_out_fraction: float = 0.05, seed: int = 0) -> tuple[list[Document], list[Document]]:
     """(train, held_out), split by document so no file contributes to both."""
     if not 0 < held_out_fraction < 1:
         raise ValueError(f"held_out_fraction must lie in (0, 1), got {held_out_fraction!r}")

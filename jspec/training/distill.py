@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jspec.decode import generate, speculative_generate
 from jspec.chain import Chain
+from jspec.decode import generate, speculative_generate
 from jspec.models import Transformer
 from jspec.sampling import Sampling
 from jspec.training.data import batch_at
@@ -60,7 +60,9 @@ class DistillLoss:
     def __call__(self, drafter: Transformer, batch: tuple[jax.Array, jax.Array], target_state) -> jax.Array:
         tokens, mask = batch  # int32 [B, T], float32 [B, T]
         target = nnx.merge(self.target_graph, jax.lax.stop_gradient(target_state))
-        per_position = divergence(self.kind, next_token_logits(target, tokens), next_token_logits(drafter, tokens), self.temperature)
+        per_position = divergence(
+            self.kind, next_token_logits(target, tokens), next_token_logits(drafter, tokens), self.temperature
+        )
         return jnp.sum(per_position * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -82,7 +84,9 @@ def measure_alpha(target: Transformer, drafter: Transformer, windows: list[np.nd
     return float(np.mean(values))
 
 
-def measure_divergence(target: Transformer, drafter: Transformer, windows: list[np.ndarray], kind: str, temperature: float) -> float:
+def measure_divergence(
+    target: Transformer, drafter: Transformer, windows: list[np.ndarray], kind: str, temperature: float
+) -> float:
     tg, ts = nnx.split(target)
     dg, ds = nnx.split(drafter)
     values = [
@@ -93,13 +97,24 @@ def measure_divergence(target: Transformer, drafter: Transformer, windows: list[
 
 
 def measure_tau(
-    target: Transformer, drafter: Transformer, prompts: np.ndarray, *, k: int, temperature: float,
-    max_new_tokens: int, seed: int = 0,
+    target: Transformer,
+    drafter: Transformer,
+    prompts: np.ndarray,
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
 ) -> float:
     """tau (tokens per target pass) of Chain(k) speculative decoding on `prompts` `[B, P]`."""
     out = speculative_generate(
-        target, drafter, prompts, max_new_tokens=max_new_tokens, strategy=Chain(k=k),
-        sampling=Sampling(temperature=temperature), rng=jax.random.key(seed),
+        target,
+        drafter,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        strategy=Chain(k=k),
+        sampling=Sampling(temperature=temperature),
+        rng=jax.random.key(seed),
     )
     return float(out.stats.mean_accepted)
 
@@ -122,7 +137,9 @@ def distill_batches(
         )
         prompts = batch_at(stream, step, b, p, config.seed)[:, :p]
         sampler = drafter if on_policy else target
-        out = generate(sampler, prompts, max_new_tokens=t - p, sampling=sampling, rng=jax.random.key(config.seed * 1_000_003 + step))
+        out = generate(
+            sampler, prompts, max_new_tokens=t - p, sampling=sampling, rng=jax.random.key(config.seed * 1_000_003 + step)
+        )
         return jnp.concatenate([jnp.asarray(prompts), out.tokens], axis=1), generated_mask
 
     return batch_fn
@@ -144,9 +161,7 @@ def distill(
 ) -> tuple[Transformer, list[dict]]:
     """Distil `drafter` towards `target`. History records the held-out divergence and alpha."""
     if target.config.vocab_size != drafter.config.vocab_size:
-        raise ValueError(
-            f"drafter vocab_size={drafter.config.vocab_size} differs from the target's {target.config.vocab_size}"
-        )
+        raise ValueError(f"drafter vocab_size={drafter.config.vocab_size} differs from the target's {target.config.vocab_size}")
     target_graph, target_state = nnx.split(target)
     loss_fn = DistillLoss(distill_config.divergence, distill_config.temperature, target_graph)
 
@@ -159,6 +174,15 @@ def distill(
         }
 
     return fit(
-        drafter, loss_fn, distill_batches(target, train_stream, config, distill_config), eval_fn, config, checkpoint_dir,
-        extra=target_state, metadata=metadata, stop_after=stop_after, log=log, progress=progress,
+        drafter,
+        loss_fn,
+        distill_batches(target, train_stream, config, distill_config),
+        eval_fn,
+        config,
+        checkpoint_dir,
+        extra=target_state,
+        metadata=metadata,
+        stop_after=stop_after,
+        log=log,
+        progress=progress,
     )

@@ -83,6 +83,14 @@ def train(
         return {"held_out_loss": loss, "held_out_ppl": math.exp(loss)}
 
     return fit(
-        model, next_token_loss, batch_fn, eval_fn, config, checkpoint_dir,
-        metadata=metadata, stop_after=stop_after, log=log, progress=progress,
+        model,
+        next_token_loss,
+        batch_fn,
+        eval_fn,
+        config,
+        checkpoint_dir,
+        metadata=metadata,
+        stop_after=stop_after,
+        log=log,
+        progress=progress,
     )

@@ -197,7 +197,9 @@ def segment_causal_mask(segments: jax.Array) -> jax.Array:
     return same & jnp.tril(jnp.ones((t, t), bool))[None] & (segments[:, :, None] > 0)
 
 
-def packed_logits(model: Transformer, tokens: jax.Array, positions: jax.Array, segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+def packed_logits(
+    model: Transformer, tokens: jax.Array, positions: jax.Array, segments: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Logits of packed rows, each example attending only to itself, and the vocabulary id of each
     logit column: `[B, T, V]` and `arange(V)`, or for a trimmed head `[B, T, K]` and its token map
     (the full-vocabulary tensor of a trimmed model is never built)."""

@@ -53,12 +53,11 @@ def read_shard(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         return examples, json.loads(str(data["meta"]))
 
 
-def read_shards(directory: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """Every finished shard of a directory, in name order."""
+def read_shards(directory: str | os.PathLike, limit: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Every finished shard of a directory (or the first `limit`), in name order."""
     examples, meta = [], []
-    for path in sorted(pathlib.Path(directory).glob("*.npz")):
-        if path.name.endswith(".partial.npz"):
-            continue
+    paths = [p for p in sorted(pathlib.Path(directory).glob("*.npz")) if not p.name.endswith(".partial.npz")]
+    for path in paths[:limit]:
         e, m = read_shard(path)
         examples += e
         meta += m

@@ -36,11 +36,19 @@ def target_generation_counts(
     return token_counts(np.asarray(out.tokens), target.config.vocab_size, np.asarray(out.lengths))
 
 
-def most_frequent(counts: np.ndarray, k: int, always_keep: tuple[int, ...] = ()) -> np.ndarray:
-    """The k most frequent token ids (ties to the lower id), plus `always_keep` within the k, sorted: int32 `[k]`."""
+def most_frequent(
+    counts: np.ndarray, k: int, always_keep: tuple[int, ...] = (), tie_break: np.ndarray | None = None
+) -> np.ndarray:
+    """The k most frequent token ids, plus `always_keep` within the k, sorted: int32 `[k]`.
+
+    Ties (notably the many tokens counted 0 when the counted text is small) go to the higher
+    `tie_break` count (e.g. tokens seen in the prompts, which a chat model copies from), then to
+    the lower id.
+    """
     if not 1 <= k <= len(counts):
         raise ValueError(f"k must lie in [1, {len(counts)}], got {k}")
-    order = np.lexsort((np.arange(len(counts)), -np.asarray(counts)))  # by count desc, then id asc
+    secondary = np.zeros(len(counts)) if tie_break is None else np.asarray(tie_break)
+    order = np.lexsort((np.arange(len(counts)), -secondary, -np.asarray(counts)))  # count, tie_break desc; id asc
     chosen = list(dict.fromkeys([*always_keep, *order.tolist()]))[:k]
     return np.sort(np.asarray(chosen, np.int32))
 
@@ -59,6 +67,27 @@ def trim_drafter(drafter: Transformer, keep: np.ndarray) -> Transformer:
     full_head = params["embed"]["embedding"].T if drafter.config.tie_embeddings else params["lm_head"]["kernel"]
     params["lm_head"] = {"kernel": full_head[:, keep]}
     params["head_token_ids"] = jnp.asarray(keep)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graph, state)
+
+
+def untrim_drafter(drafter: Transformer, fill: jax.Array) -> Transformer:
+    """A full-vocabulary copy of a trimmed drafter: its head's K columns where it has them, `fill`
+    `[d_model, V]` elsewhere (e.g. the target's output head, the trimmed drafter's initialisation).
+
+    For libraries that cannot represent a trimmed head (Hugging Face's assisted generation): the
+    copy drafts the same tokens wherever the trimmed drafter's choice outscores the filled columns.
+    """
+    if drafter.config.head_tokens is None:
+        raise ValueError("drafter is not trimmed")
+    config = dataclasses.replace(drafter.config, head_tokens=None)
+    graph, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    params = nnx.state(drafter).to_pure_dict()
+    keep = params.pop("head_token_ids")
+    fill = jnp.asarray(fill, params["lm_head"]["kernel"].dtype)
+    if fill.shape != (config.d_model, config.vocab_size):
+        raise ValueError(f"fill must have shape {(config.d_model, config.vocab_size)}, got {fill.shape}")
+    params["lm_head"] = {"kernel": fill.at[:, keep].set(params["lm_head"]["kernel"])}
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graph, state)
 
