@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--plots", metavar="DIR", help="also write speedup.png and acceptance.png here")
     parser.add_argument(
+        "--cost-passes", type=int, default=32, help="passes per timed loop of the per-pass cost measurement (default: 32)"
+    )
+    parser.add_argument("--cost-runs", type=int, default=7, help="timed loops per cost (median; default: 7)")
+    parser.add_argument(
         "--dtypes",
         nargs="+",
         choices=("float32", "bfloat16"),
@@ -144,15 +148,24 @@ def machine() -> str:
 
 
 def forward_costs(
-    target: jspec.models.Transformer, drafter: jspec.models.Transformer, prompts: jax.Array, sizes: list[int], cache_size: int
+    target: jspec.models.Transformer,
+    drafter: jspec.models.Transformer,
+    prompts: jax.Array,
+    sizes: list[int],
+    cache_size: int,
+    *,
+    passes: int = 32,
+    runs: int = 7,
 ) -> dict[str, float]:
-    """Median seconds of t_target(1), t_draft (one drafter step) and t_target(n) for each n in sizes."""
+    """Median seconds of t_target(1), t_draft (one drafter step) and t_target(n) for each n in sizes
+    (`infer.timing.forward_seconds`: the median of `runs` compiled loops of `passes` passes)."""
+    timing = dict(passes=passes, runs=runs)
     costs = {
-        "t_target_1": forward_seconds(target, prompts, cache_size, 1),
-        "t_draft": forward_seconds(drafter, prompts, cache_size, 1),
+        "t_target_1": forward_seconds(target, prompts, cache_size, 1, **timing),
+        "t_draft": forward_seconds(drafter, prompts, cache_size, 1, **timing),
     }
     for n in sorted(set(sizes)):
-        costs[f"t_target_{n}"] = forward_seconds(target, prompts, cache_size, n)
+        costs[f"t_target_{n}"] = forward_seconds(target, prompts, cache_size, n, **timing)
     return costs
 
 
@@ -519,7 +532,7 @@ def run_methods(target, drafter, batches, calibration, chains, costs_for, args, 
     # Costs are measured after the median prompt, with the decode loop's cache size for the largest
     # round (bucketed as decoding buckets it), so attention spans as many slots as in decoding.
     cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + max(sizes) + 1
-    costs = costs_for(target, drafter, typical, sizes, cache_size)
+    costs = costs_for(target, drafter, typical, sizes, cache_size, passes=args.cost_passes, runs=args.cost_runs)
     print(
         f"costs ({context['dtype']}, median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items())
     )
@@ -553,7 +566,9 @@ def run_methods(target, drafter, batches, calibration, chains, costs_for, args, 
                 batches,
                 args.repeats,
             )
-            t_draft_round = draft_round_seconds(method.strategy, drafter, typical, cache_size, sampling)
+            t_draft_round = draft_round_seconds(
+                method.strategy, drafter, typical, cache_size, sampling, passes=max(1, args.cost_passes // 2), runs=args.cost_runs
+            )
             record = make_record(method, temperature, total(by_category), ar["tokens_per_s"], costs, t_draft_round, context)
             record["by_category"] = category_records(by_category, ar_by_category, False)
             records.append(record)

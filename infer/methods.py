@@ -65,7 +65,10 @@ def tree_method(name: str, budget: int, acceptance: Callable[[int], tuple[float,
     elif name == "sequoia":
         if acceptance is None:
             raise ValueError("sequoia needs a measured acceptance vector")
-        strategy = jspec.SequoiaTree(acceptance(b * 2), size=budget, max_depth=budget - 1)
+        # Floored so that the DP fills the budget even where a rank was never accepted in calibration
+        # (with all-zero entries every tree has value 1 and the DP would keep one node).
+        vector = tuple(max(float(a), 1e-6) for a in acceptance(b * 2))
+        strategy = jspec.SequoiaTree(vector, size=budget, max_depth=budget - 1)
     elif name == "dynamic":
         strategy = jspec.DynamicTree(budget=budget, width=b)
     elif name == "mcsd":

@@ -228,7 +228,7 @@ def write_card(name: str, results: dict, training: dict, path: str, bench_record
         lines += [
             "",
             f"alpha over {results['alpha_tokens']:,} held-out positions; tau = tokens per target pass; MBSU = "
-            "memory-bound speedup from weights read per token (methods.md).",
+            "memory-bound speedup from weights read per token (VocabTrim, arXiv 2506.22694).",
         ]
         if name == "drafter-trimmed":
             ratio = {

@@ -22,7 +22,7 @@ from infer.timing import draft_round_seconds, forward_seconds
 from jspec import demo
 from jspec.demo import smollm2
 
-CARD_KS = (3, 5, 7)
+CARD_KS = (1, 2, 3)
 
 
 def _parameters(model) -> int:
@@ -128,7 +128,7 @@ def drafter_card(record: dict) -> str:
                     f"`{c['init']}`",
                     f"{c['alpha_t0']:.3f}",
                     f"{c['alpha_t1_top_k']:.3f}",
-                    f"{c['t_draft_over_target']:.1%}",
+                    f"{c['t_draft_over_t_target']:.1%}",
                     c["best_k"],
                     f"{c['predicted_speedup_t0']:.2f}x",
                 )
@@ -144,9 +144,11 @@ def drafter_card(record: dict) -> str:
         "  passage, list key terms, explain / comment / test code; PSF licence), 15% arithmetic word problems with random",
         "  numbers. Spec-Bench (the evaluation set) is never used. Held-out instructions come from held-out stdlib files,",
         "  with every training instruction removed.",
-        "- Answers: SmolLM2 itself answers each instruction in its chat template, up to 256 tokens, 60% greedily and 40%",
-        "  sampled at temperature 1; at every answer position its top-32 next-token log-probabilities are recorded",
-        "  (`python -m train.chat_data`).",
+        "- Answers: SmolLM2 itself answers each instruction in its chat template, up to 256 tokens (the plan of",
+        "  `python -m train.chat_data`: 60% greedily, 40% sampled at temperature 1, in shards of 16); at every answer position",
+        "  its top-32 next-token log-probabilities are recorded. Generation runs at about 55 answer tokens/s here, so the",
+        "  drafter was trained on 91 of the plan's 200 shards: 81 greedy and 10 sampled (`TRAIN_SHARDS` in",
+        "  `train/smollm2_drafter.py`).",
         f"- Training set: {s['train_answers']:,} answers, {s['train_answer_tokens']:,} answer tokens; held out: "
         f"{s['held_out_answers']} answers.",
         f"- VocabTrim before distillation: the {trim['keep']:,} tokens most frequent in SmolLM2's training answers (ties: in the",

@@ -2,7 +2,7 @@
 best draft length, the memory-bound speedup, and (re-exported) the Sequoia tree objective.
 
 Everything here is plain Python / numpy on scalars and small vectors; every argument is checked
-and a bad one raises a `ValueError` naming it and its value. Notation as in methods.md: alpha is
+and a bad one raises a `ValueError` naming it and its value. Notation (Leviathan et al. arXiv 2211.17192): alpha is
 the per-token acceptance rate (for context-free p, q: alpha = sum_x min(p(x), q(x)) = 1 - TV(p, q)),
 k the number of drafted tokens per round, tau the expected tokens emitted per round (accepted
 drafts plus the one correction or bonus token, so 1 <= tau <= k + 1).

@@ -1,4 +1,4 @@
-"""Lossy chain verification rules, opt-in only (`shared/methods.md` section 3).
+"""Lossy chain verification rules, opt-in only (Medusa arXiv 2401.10774; SpecDec arXiv 2203.16487).
 
 Both rules trade the target's exact distribution for more accepted drafts, so neither has a string
 name: a `jspec.Chain` uses one only when given the object, e.g.

@@ -1,5 +1,5 @@
 """`MultiCandidate`: multi-candidate speculative decoding (MCSD, Yang et al. arXiv 2401.06706) with
-the options of Improved MCSD (Lu et al. arXiv 2409.10644); methods.md section 6.
+the options of Improved MCSD (Lu et al. arXiv 2409.10644).
 
 Every node at depth i - 1 gets k_i candidates (`k_config`), drawn i.i.d. from the drafter's q
 (`replacement=True`, verified by `verify_tree_iid`) or without replacement (Gumbel-top-k,

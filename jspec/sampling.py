@@ -1,7 +1,8 @@
 """Sampling configuration and the warps that turn logits into the distribution to sample from.
 
 The same warp is applied to the target's and the drafter's logits before any verifier runs, so
-speculative decoding is lossless with respect to the warped target (`shared/methods.md`).
+speculative decoding is lossless with respect to the warped target (Leviathan et al. arXiv
+2211.17192; Chen et al. arXiv 2302.01318).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `SequoiaTree` strategy (Sequoia, Chen et al. arXiv 2402.12374; methods.md section 6).
+"""The `SequoiaTree` strategy (Sequoia, Chen et al. arXiv 2402.12374).
 
 Sequoia assumes positional acceptance: the probability that the i-th child tried at an accepted
 node is the one accepted depends only on i. With that vector a = (a_1 >= a_2 >= ...), a tree T
@@ -203,7 +203,7 @@ def accepted_rank(
     them with its verifier: int32 `[R]`, the rank (1-based) of the accepted child, 0 if none.
 
     One star tree (a root and `width` leaves) per position, through the real verifier, so the
-    measured ranks follow exactly the rule decoding uses (methods.md section 5).
+    measured ranks follow exactly the rule decoding uses (the without-replacement tree verifier).
     """
     r, v = target_probs.shape
     key_children, key_verify = jax.random.split(key)

@@ -1,4 +1,5 @@
-"""Lossless tree verifiers (methods.md section 5): walk a drafted token tree from the root.
+"""Lossless tree verifiers: walk a drafted token tree from the root (SpecInfer arXiv 2305.09781,
+Sequoia arXiv 2402.12374, EAGLE-2 arXiv 2406.16858).
 
 Every verifier has the signature
     verify(key, tree, draft_probs [B, N, V], target_probs [B, N, V]) -> TreeVerdict

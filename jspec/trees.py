@@ -1,4 +1,4 @@
-"""Static-shape token trees (methods.md section 4): the tree pytree, its attention mask and
+"""Static-shape token trees (SpecInfer, Miao et al. arXiv 2305.09781): the tree pytree, its attention mask and
 positions, and keeping an accepted root-to-node path in the KV cache.
 
 A tree holds at most N nodes per row (N static); `valid` flags the ones in use, so every round

@@ -5,7 +5,8 @@ Every verifier has the signature
 where `draft_probs[:, i]` is the (warped) drafter distribution `x_{i+1}` was sampled from and
 `target_probs[:, i]` the target's distribution at the same position (the last one follows the final
 draft). The Verdict holds the number of accepted drafts `n` per row and the one token emitted after
-them, so each row emits `x_1..x_n, next_token` (1..k+1 tokens). Rules: `shared/methods.md` sec. 1-2.
+them, so each row emits `x_1..x_n, next_token` (1..k+1 tokens). Rules: Leviathan et al. arXiv
+2211.17192, Sun et al. arXiv 2403.10444.
 
 All three are lossless. At temperature 0 (one-hot distributions) `verify_sampling` and
 `verify_block` make exactly the decisions of `verify_greedy`. `CHAIN_VERIFIERS` names only these;
@@ -63,7 +64,7 @@ def verify_greedy(key, draft_tokens, draft_probs, target_probs) -> Verdict:
 
 
 def verify_sampling(key, draft_tokens, draft_probs, target_probs) -> Verdict:
-    """Speculative sampling (Leviathan et al.; Chen et al.), methods.md section 1.
+    """Speculative sampling (Leviathan et al. arXiv 2211.17192; Chen et al. arXiv 2302.01318).
 
     Accept x_i while U_i < p_i(x_i) / q_i(x_i); at the first rejection sample norm((p_i - q_i)+);
     if all k are accepted, sample the bonus token from p_{k+1}.
@@ -92,7 +93,7 @@ def block_weights(draft_tokens, draft_probs, target_probs) -> jax.Array:
 
 
 def verify_block(key, draft_tokens, draft_probs, target_probs) -> Verdict:
-    """Block verification (Sun et al. arXiv 2403.10444), methods.md section 2.
+    """Block verification (Sun et al. arXiv 2403.10444).
 
     Keeps the longest prefix n with eta_n < h_n (independent eta_i), then samples from
     norm((w_n p_{n+1} - q_{n+1})+), or from p_{k+1} when n = k. Never accepts fewer tokens in

@@ -61,7 +61,7 @@ def test_expected_tau_edges_and_precision_near_one():
 
 
 def test_tau_of_real_speculative_sampling_is_expected_tau_of_one_minus_tv():
-    """The acceptance-rate model against the rule itself (methods.md section 1): context-free p, q
+    """The acceptance-rate model against the rule itself (Leviathan et al. arXiv 2211.17192): context-free p, q
     on a vocabulary of 6, x_i ~ q accepted iff U_i <= p(x_i) / q(x_i); alpha = sum_x min(p, q)."""
     rng = np.random.default_rng(7)
     p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))

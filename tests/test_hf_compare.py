@@ -1,5 +1,5 @@
 """infer.hf_compare: Hugging Face greedy and assisted generation emit exactly jspec's tokens on the
-exported models (the code models, and SmolLM2 with its drafter in float32 and bfloat16), and the
+exported models (the code models, and SmolLM2 with its untrimmed drafter, float32), and the
 report holds every decoder's speed."""
 
 from __future__ import annotations
@@ -49,12 +49,3 @@ def test_smollm2_head_to_head_in_float32(tmp_path):
     result = hf_compare.main(["--prompts", "1", "--max-new-tokens", "12", "--k", "3", "--repeats", "1"])
     assert result["identical"] is True and result["dtype"] == "float32"
     assert "untrim_drafter" in result["models"] and 1 <= result["jspec_tau"] <= 4
-
-
-@pytest.mark.slow
-def test_smollm2_head_to_head_runs_in_bfloat16():
-    """bfloat16 rounds differently in torch and XLA, so the tokens may part after a near tie; each
-    library still reproduces its own greedy output speculatively."""
-    result = hf_compare.main(["--prompts", "1", "--max-new-tokens", "8", "--k", "2", "--repeats", "1", "--dtype", "bfloat16"])
-    assert result["dtype"] == "bfloat16" and all(v > 0 for v in result["tokens_per_s"].values())
-    assert result["same_within_library"] is True

@@ -20,6 +20,7 @@ from infer.models import (
 )
 
 SIZES = ["--max-new-tokens", "8", "--batch-size", "2", "--prompt-len", "4", "--repeats", "1"]
+COSTS = ["--cost-passes", "4", "--cost-runs", "2"]
 SMALL_RUN = ["--preset", "tiny", *SIZES]
 
 
@@ -97,6 +98,7 @@ def test_bench_writes_records(tmp_path, capsys):
     bench.main(
         [
             *SMALL_RUN,
+            *COSTS,
             "--json",
             str(path),
             "--ks",
@@ -159,6 +161,7 @@ def test_bench_reports_spec_bench_categories_acceptance_and_plots(tmp_path, caps
     records = bench.main(
         [
             *SIZES,
+            *COSTS,
             *_tiny_hf_checkpoints(tmp_path),
             "--json",
             str(tmp_path / "bench.json"),
@@ -301,7 +304,7 @@ def test_bench_on_smollm2_renders_chat_prompts_in_both_dtypes(tmp_path):
     records = bench.main([
         "--json", str(tmp_path / "bench.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"), "--per-category", "1",
         "--ks", "2", "--verifiers", "sampling", "--temperatures", "0", "--node-budgets", "--max-new-tokens", "8",
-        "--repeats", "1", "--dtypes", "float32", "bfloat16",
+        "--repeats", "1", "--dtypes", "float32", "bfloat16", "--cost-passes", "2", "--cost-runs", "1",
     ])  # fmt: skip
     assert [(r["method"], r["dtype"]) for r in records] == [
         ("ar", "float32"), ("chain-sampling-k2", "float32"), ("ar", "bfloat16"), ("chain-sampling-k2", "bfloat16"),

@@ -195,8 +195,8 @@ def test_bad_dp_arguments_raise():
 
 
 def _exact_rank_law(p: np.ndarray, q: np.ndarray, width: int) -> np.ndarray:
-    """P(no child accepted), P(the rank-i child accepted) for i = 1..width: methods.md section 5's
-    without-replacement rule, by enumerating every ordered draw of `width` children from q."""
+    """P(no child accepted), P(the rank-i child accepted) for i = 1..width: the tree verifier's
+    without-replacement rule (Sequoia arXiv 2402.12374), by enumerating every ordered draw of `width` children from q."""
     law = np.zeros(width + 1)
     for draw in itertools.permutations(range(len(q)), width):
         prob_draw, left = 1.0, q.copy()

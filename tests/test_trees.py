@@ -71,7 +71,7 @@ def _causal_last_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def test_one_pass_scores_every_node_as_its_root_path_and_commit_keeps_the_path():
-    """methods.md section 4: the logits of every node equal a causal pass over its root path; after
+    """SpecInfer (arXiv 2305.09781) tree attention: the logits of every node equal a causal pass over its root path; after
     committing a path, decoding continues exactly as if only that path had been fed."""
     model = random_model(TINY, seed=5)
     tree, parent, valid = _random_tree(4)

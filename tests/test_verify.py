@@ -167,8 +167,9 @@ def test_identical_drafter_is_always_accepted(name):
 
 
 def test_block_verification_toy_example():
-    """methods.md sec. 2: target [1/3, 2/3], drafter [2/3, 1/3], k = 2: expected accepted drafts
-    10/9 with token verification, 11/9 with block verification."""
+    """Block verification's toy case (Sun et al. arXiv 2403.10444): target [1/3, 2/3], drafter
+    [2/3, 1/3], k = 2: expected accepted drafts 10/9 with token verification, 11/9 with block
+    verification."""
     p = jnp.asarray([[1 / 3, 2 / 3]] * 3)
     q = jnp.asarray([[2 / 3, 1 / 3]] * 2)
     _, token = _run(verify_sampling, p, q, trials=400_000)

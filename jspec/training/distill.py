@@ -1,4 +1,4 @@
-"""DistillSpec: train a drafter to agree with a frozen target (methods.md section 10).
+"""DistillSpec: train a drafter to agree with a frozen target (Zhou et al. arXiv 2310.08461).
 
 Minimises mean_t D(p || q_theta)(. | y_<t) over sequences y from a fixed corpus, from the target's
 samples, from the drafter's own samples (on-policy), or a per-step mix. Generated data is prefixed
