@@ -21,8 +21,14 @@ from infer.bench import machine
 from infer.timing import draft_round_seconds, forward_seconds
 from jspec import demo
 from jspec.demo import smollm2
+from train.smollm2_drafter import TRAIN_SHARDS
 
 CARD_KS = (1, 2, 3)
+
+
+def _shard_count(ranges: tuple[str, ...]) -> int:
+    """Shards in `--shard-range`-style ranges ("A:B", B exclusive)."""
+    return sum(last - first for first, last in (map(int, r.split(":")) for r in ranges))
 
 
 def _parameters(model) -> int:
@@ -147,8 +153,8 @@ def drafter_card(record: dict) -> str:
         "- Answers: SmolLM2 itself answers each instruction in its chat template, up to 256 tokens (the plan of",
         "  `python -m train.chat_data`: 60% greedily, 40% sampled at temperature 1, in shards of 16); at every answer position",
         "  its top-32 next-token log-probabilities are recorded. Generation runs at about 55 answer tokens/s here, so the",
-        "  drafter was trained on 91 of the plan's 200 shards: 81 greedy and 10 sampled (`TRAIN_SHARDS` in",
-        "  `train/smollm2_drafter.py`).",
+        f"  drafter was trained on {_shard_count(TRAIN_SHARDS)} of the plan's 200 shards, {', '.join(TRAIN_SHARDS)}",
+        "  (the first 120 are the greedy ones; `TRAIN_SHARDS` in `train/smollm2_drafter.py`).",
         f"- Training set: {s['train_answers']:,} answers, {s['train_answer_tokens']:,} answer tokens; held out: "
         f"{s['held_out_answers']} answers.",
         f"- VocabTrim before distillation: the {trim['keep']:,} tokens most frequent in SmolLM2's training answers (ties: in the",
