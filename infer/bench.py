@@ -45,15 +45,26 @@ from tqdm import tqdm
 
 import jspec
 from infer.methods import TREE_METHODS, Method, chain_method, tree_method, tree_width
-from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompt_batches, text_tokenizer
+from infer.models import (
+    DEMO_DRAFTER,
+    add_model_arguments,
+    cast_drafter,
+    chat_tokenizer,
+    describe_drafter,
+    load_drafter,
+    models_from_args,
+    prompt_batches,
+    text_tokenizer,
+)
 from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup
 from jspec.decode import bucket_size
+from jspec.methods.sequoia import measure_acceptance
 from jspec.models import cast
-from jspec.sequoia import measure_acceptance
-from jspec.verify import CHAIN_VERIFIERS
+from jspec.verify.chain import CHAIN_VERIFIERS
 
 TABLE_COLUMNS = [
     ("method", "method", "{}"),
+    ("drafter", "drafter", "{}"),
     ("nodes", "nodes", "{}"),
     ("T", "temperature", "{:g}"),
     ("tau", "tau", "{:.2f}"),
@@ -138,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         "weights, per dtype, at temperature 0 (SmolLM2; the hf extra)",
     )
     parser.add_argument("--hf-per-category", type=int, default=1, help="prompts per category of --hf-compare (default: 1)")
+    parser.add_argument(
+        "--extra-drafters",
+        nargs="*",
+        default=[],
+        metavar="NAME|PATH",
+        help="more drafters run with the same methods, side by side with --drafter: demo names (e.g. smollm2-135m-eagle, "
+        "an EAGLE head) or paths (a jspec checkpoint or a jspec.eagle.save_head directory); Sequoia runs with "
+        "language-model drafters only",
+    )
     return parser
 
 
@@ -149,7 +169,7 @@ def machine() -> str:
 
 def forward_costs(
     target: jspec.models.Transformer,
-    drafter: jspec.models.Transformer,
+    drafter,
     prompts: jax.Array,
     sizes: list[int],
     cache_size: int,
@@ -158,12 +178,15 @@ def forward_costs(
     runs: int = 7,
 ) -> dict[str, float]:
     """Median seconds of t_target(1), t_draft (one drafter step) and t_target(n) for each n in sizes
-    (`infer.timing.forward_seconds`: the median of `runs` compiled loops of `passes` passes)."""
+    (`infer.timing.forward_seconds`: the median of `runs` compiled loops of `passes` passes). For a
+    drafter that is not a language model (an EAGLE head) t_draft is its round of Chain(k=1):
+    catch-up and one draft."""
     timing = dict(passes=passes, runs=runs)
-    costs = {
-        "t_target_1": forward_seconds(target, prompts, cache_size, 1, **timing),
-        "t_draft": forward_seconds(drafter, prompts, cache_size, 1, **timing),
-    }
+    if isinstance(drafter, jspec.models.Transformer):
+        t_draft = forward_seconds(drafter, prompts, cache_size, 1, **timing)
+    else:
+        t_draft = draft_round_seconds(jspec.Chain(k=1), drafter, prompts, cache_size, jspec.Sampling(), target=target, **timing)
+    costs = {"t_target_1": forward_seconds(target, prompts, cache_size, 1, **timing), "t_draft": t_draft}
     for n in sorted(set(sizes)):
         costs[f"t_target_{n}"] = forward_seconds(target, prompts, cache_size, n, **timing)
     return costs
@@ -328,7 +351,8 @@ def category_records(by_category: dict[str, Measured], ar: dict[str, Measured] |
 def markdown_table(records: list[dict]) -> str:
     header = "| " + " | ".join(name for name, _, _ in TABLE_COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    rows = ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in TABLE_COLUMNS) + " |" for r in records]
+    cell = lambda r, key, fmt: "-" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
+    rows = ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in TABLE_COLUMNS) + " |" for r in records]
     return "\n".join([header, rule, *rows])
 
 
@@ -524,8 +548,24 @@ def sequoia_acceptance(target, drafter, batches, sampling, seed, max_new_tokens)
     return acceptance
 
 
-def run_methods(target, drafter, batches, calibration, chains, costs_for, args, context, eos_id, progress) -> list[dict]:
-    """AR and every method at every temperature on `batches`; one record per (method, temperature)."""
+def run_methods(target, drafters, batches, calibration, chains, costs_for, args, context, eos_id, progress) -> list[dict]:
+    """AR and every method with every drafter (`drafters`: (name, model) pairs) at every temperature on
+    `batches`; one record per (method, drafter, temperature)."""
+    records, ar_runs = [], {}
+    for i, (name, drafter) in enumerate(drafters):
+        run = _run_drafter(
+            target, drafter, name, batches, calibration, chains, costs_for, args, context, eos_id, progress, ar_runs
+        )
+        for record in run:  # method names stay unique across drafters (tables, plots)
+            if i > 0 and record["drafter"] is not None:
+                record["method"] = f"{record['method']} [{name}]"
+        records += run
+    return records
+
+
+def _run_drafter(target, drafter, name, batches, calibration, chains, costs_for, args, context, eos_id, progress, ar_runs):
+    """`run_methods` for one drafter; AR runs once per temperature (`ar_runs` keeps it for the next drafters)."""
+    context = {**context, "drafter": name}
     rng = jax.random.key(args.seed)
     typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
     sizes = [m.nodes for m in chains] + list(args.node_budgets if context["trees"] else [])
@@ -537,28 +577,33 @@ def run_methods(target, drafter, batches, calibration, chains, costs_for, args, 
         f"costs ({context['dtype']}, median ms): " + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in costs.items())
     )
     records = []
+    language_model = isinstance(drafter, jspec.models.Transformer)
     for temperature in args.temperatures:
         sampling = jspec.Sampling(temperature=temperature)
         methods = [m for m in chains if not (m.verifier == "greedy" and not sampling.greedy)]  # greedy: T=0 only
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng, eos_id=eos_id)
-        progress.set_postfix_str(f"{context['dtype']} T={temperature:g} ar")
-        ar_by_category = measure_by_category(
-            lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
-        )
-        ar = make_record(None, temperature, total(ar_by_category), None, costs, None, context)
-        ar["by_category"] = category_records(ar_by_category, None, True)
-        records.append(ar)
-        progress.update()
-        if context["trees"] and args.node_budgets and args.trees:
-            uses_sequoia = "sequoia" in args.trees and calibration
+        if temperature not in ar_runs:
+            progress.set_postfix_str(f"{context['dtype']} T={temperature:g} ar")
+            ar_by_category = measure_by_category(
+                lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
+            )
+            ar = make_record(None, temperature, total(ar_by_category), None, costs, None, {**context, "drafter": None})
+            ar["by_category"] = category_records(ar_by_category, None, True)
+            records.append(ar)
+            ar_runs[temperature] = ar, ar_by_category
+            progress.update()
+        ar, ar_by_category = ar_runs[temperature]
+        trees = [t for t in args.trees if language_model or t != "sequoia"]
+        if context["trees"] and args.node_budgets and trees:
+            uses_sequoia = "sequoia" in trees and calibration
             acceptance = (
                 sequoia_acceptance(target, drafter, calibration, sampling, args.seed, args.max_new_tokens)
                 if uses_sequoia
                 else None
             )
-            methods = methods + [tree_method(name, n, acceptance) for n in args.node_budgets for name in args.trees]
+            methods = methods + [tree_method(tree, n, acceptance) for n in args.node_budgets for tree in trees]
         for method in methods:
-            progress.set_postfix_str(f"{context['dtype']} T={temperature:g} {method.name}")
+            progress.set_postfix_str(f"{context['dtype']} T={temperature:g} {method.name} ({name})")
             by_category = measure_by_category(
                 lambda b: jspec.speculative_generate(
                     target, drafter, b.prompts, prompt_lengths=b.lengths, strategy=method.strategy, **common
@@ -567,8 +612,9 @@ def run_methods(target, drafter, batches, calibration, chains, costs_for, args, 
                 args.repeats,
             )
             t_draft_round = draft_round_seconds(
-                method.strategy, drafter, typical, cache_size, sampling, passes=max(1, args.cost_passes // 2), runs=args.cost_runs
-            )
+                method.strategy, drafter, typical, cache_size, sampling, target=target,
+                passes=max(1, args.cost_passes // 2), runs=args.cost_runs,
+            )  # fmt: skip
             record = make_record(method, temperature, total(by_category), ar["tokens_per_s"], costs, t_draft_round, context)
             record["by_category"] = category_records(by_category, ar_by_category, False)
             records.append(record)
@@ -653,16 +699,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plan.append((dtype, batches, chains, True))
         else:  # the later dtypes: a reduced run (see --secondary-per-category)
             plan.append((dtype, first_per_category(batches, args.secondary_per_category), secondary_chains, False))
+    drafters = [(args.drafter or DEMO_DRAFTER.get(args.target) or "drafter", drafter)]
+    for name in args.extra_drafters:
+        if name not in jspec.demo.MODELS and not os.path.exists(name):
+            parser.error(f"--extra-drafters: {name!r} is neither a demo model nor an existing path")
+        extra = load_drafter(name, target)
+        print(f"drafter: {name} ({describe_drafter(extra)})")
+        drafters.append((name, extra))
     n_runs = sum(
-        len(args.temperatures) * (1 + len(c) + (len(args.node_budgets) * len(args.trees) if trees else 0))
+        len(args.temperatures) * (1 + len(drafters) * (len(c) + (len(args.node_budgets) * len(args.trees) if trees else 0)))
         for _, _, c, trees in plan
     )
     progress = tqdm(total=n_runs, desc="infer.bench", unit="method")
     records, head_to_head = [], []
     for dtype, dtype_batches, dtype_chains, trees in plan:
-        t, d = (target, drafter) if dtype == target.config.param_dtype else (cast(target, dtype), cast(drafter, dtype))
+        same = dtype == target.config.param_dtype
+        t = target if same else cast(target, dtype)
+        ds = drafters if same else [(name, cast_drafter(d, dtype)) for name, d in drafters]
         context = {**base_context, "dtype": dtype, "trees": trees, "rows": sum(b.prompts.shape[0] for b in dtype_batches)}
-        records += run_methods(t, d, dtype_batches, calibration, dtype_chains, forward_costs, args, context, eos_id, progress)
+        records += run_methods(t, ds, dtype_batches, calibration, dtype_chains, forward_costs, args, context, eos_id, progress)
         if args.hf_compare:
             head_to_head.append(hf_head_to_head(args, dtype, dtype_batches, eos_id))
             jax.clear_caches()

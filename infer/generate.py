@@ -26,8 +26,8 @@ import jspec
 from infer.methods import TREE_METHODS, tree_method
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompts_from_args, text_tokenizer
 from infer.timing import time_calls
-from jspec.sequoia import measure_acceptance
-from jspec.verify import CHAIN_VERIFIERS
+from jspec.methods.sequoia import measure_acceptance
+from jspec.verify.chain import CHAIN_VERIFIERS
 
 DEFAULT_PROMPT = "Explain what a Python dictionary is and show a short example of how to use one."
 

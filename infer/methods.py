@@ -10,9 +10,9 @@ does with the same verification cost. Every tree builder gets a shape of exactly
     rsd-s      RSD(beam=b, depth=(N - 1) / b): stochastic beam search
     sequoia    SequoiaTree(a, size=N): the DP-optimal shape for the acceptance vector a measured
                on calibration prompts (not the benchmark's) at the benchmark's temperature
-    dynamic    DynamicTree(budget=N, width=b): DySpec's greedy expansion, b nodes per drafter call
+    dynamic    DynamicTree(size=N, width=b): DySpec's greedy expansion, b nodes per drafter call
     mcsd       MultiCandidate((b, 1, ..., 1), replacement=False)
-    eagle      EagleTree(top_k=b, depth=(N - 1) / b, total_tokens=N): EAGLE-2's expand-and-rerank
+    eagle      EagleTree(top_k=b, depth=(N - 1) / b, size=N): EAGLE-2's expand-and-rerank
 
 with b = 2 for N <= 9 and 4 above, (N - 1) divisible by b.
 """
@@ -70,11 +70,11 @@ def tree_method(name: str, budget: int, acceptance: Callable[[int], tuple[float,
         vector = tuple(max(float(a), 1e-6) for a in acceptance(b * 2))
         strategy = jspec.SequoiaTree(vector, size=budget, max_depth=budget - 1)
     elif name == "dynamic":
-        strategy = jspec.DynamicTree(budget=budget, width=b)
+        strategy = jspec.DynamicTree(size=budget, width=b)
     elif name == "mcsd":
         strategy = jspec.MultiCandidate(branching, replacement=False)
     elif name == "eagle":
-        strategy = jspec.EagleTree(top_k=b, depth=depth, total_tokens=budget)
+        strategy = jspec.EagleTree(top_k=b, depth=depth, size=budget)
     else:
         raise ValueError(f"tree method must be one of {TREE_METHODS}, got {name!r}")
     nodes = strategy.size

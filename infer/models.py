@@ -127,6 +127,32 @@ def _blocks(start: int, stop: int) -> str:
     return f"block {start}" if stop - start == 1 else f"blocks {start}-{stop - 1}"
 
 
+def describe_drafter(drafter) -> str:
+    """A drafter's shape in words: a Transformer's config, or an EAGLE head's kind and features."""
+    if isinstance(drafter, Transformer):
+        return _describe_config(drafter.config)
+    c = drafter.config
+    head = f", output head {c.head_tokens} tokens" if c.head_tokens else ""
+    return f"{c.kind} head (1 layer, d_model {c.target.d_model}) on the target's hidden states {c.feature_layers}{head}"
+
+
+def load_drafter(path: str, target: Transformer, dtype: str | None = None):
+    """`load_checkpoint`, or an EAGLE head (`jspec.eagle.save_head` directory or the demo head) for `target`."""
+    from jspec.eagle import cast_head, is_head_checkpoint, load_head
+
+    if path not in demo.MODELS and is_head_checkpoint(path):
+        head = load_head(path, target)
+        return head if dtype is None else cast_head(head, dtype)
+    return load_checkpoint(path, dtype)
+
+
+def cast_drafter(drafter, dtype: str):
+    """`jspec.models.cast` for a Transformer, `jspec.eagle.cast_head` for an EAGLE head."""
+    from jspec.eagle import cast_head
+
+    return jspec.models.cast(drafter, dtype) if isinstance(drafter, Transformer) else cast_head(drafter, dtype)
+
+
 def _describe_config(config: ModelConfig) -> str:
     layers = "1 layer" if config.n_layers == 1 else f"{config.n_layers} layers"
     head = f", output head {config.head_tokens} tokens" if config.head_tokens else ""
@@ -171,7 +197,7 @@ def load_checkpoint(path: str, dtype: str | None = None) -> Transformer:
 def loaded_models(target_path: str, drafter_path: str, dtype: str | None = None) -> tuple[Transformer, Transformer, str]:
     """(target, drafter, description) from two checkpoints or demo names."""
     target = load_checkpoint(target_path, dtype)
-    drafter = load_checkpoint(drafter_path, dtype)
+    drafter = load_drafter(drafter_path, target, dtype)
     if target_path == demo.SMOLLM2 and drafter_path == demo.SMOLLM2_DRAFTER:
         first = CHAT_MODELS_NOTE
     elif target_path in demo.CODE_MODELS and drafter_path in demo.CODE_MODELS:
@@ -182,7 +208,7 @@ def loaded_models(target_path: str, drafter_path: str, dtype: str | None = None)
         [
             first,
             f"target: {target_path} ({_describe_config(target.config)})",
-            f"drafter: {drafter_path} ({_describe_config(drafter.config)})",
+            f"drafter: {drafter_path} ({describe_drafter(drafter)})",
         ]
     )
     return target, drafter, description

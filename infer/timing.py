@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jspec.analysis import speedup_from_costs
-from jspec.chain import Chain, draft_chain
 from jspec.decode import prefill
-from jspec.models import KVCache, Transformer, causal_mask, truncate
+from jspec.drafters import Accepted, Prefill, as_drafter, prefill_model
+from jspec.models import KVCache, Transformer, causal_mask
 from jspec.sampling import Sampling
 
 
@@ -81,52 +81,59 @@ def forward_seconds(
     return statistics.median(seconds) / passes
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "strategy", "sampling", "passes"), donate_argnames=("cache",))
-def _draft_loop(graph, state, cache: KVCache, last: jax.Array, key: jax.Array, strategy, sampling, passes: int):
-    drafter = nnx.merge(graph, state)
-    lengths = cache.lengths
+@functools.partial(jax.jit, static_argnames=("graph", "target_graph", "strategy", "sampling", "passes", "cache_size"))
+def _draft_loop(graph, state, target_graph, target_state, prompts, key, strategy, sampling, passes: int, cache_size: int):
+    drafter = as_drafter(nnx.merge(graph, state))
+    target = nnx.merge(target_graph, target_state)
+    lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
+    _, cache, features = prefill_model(target, prompts, lengths, cache_size, drafter.feature_layers)
+    last = prompts[:, -1]
+    drafter_state = drafter.prefill(Prefill(prompts, lengths, cache, features), last, strategy.tokens_per_round)
+    inactive = jnp.zeros_like(lengths, dtype=bool)
 
     def body(i, carry):
-        cache, last = carry
-        step_key = jax.random.fold_in(key, i)
-        if isinstance(strategy, Chain):
-            tokens, probs, cache = draft_chain(drafter, cache, last, last, strategy.k, sampling, step_key)
-        else:
-            drafted = strategy.draft(drafter, cache, last, last, sampling, step_key)
-            tokens, probs, cache = drafted.tree.tokens, drafted.draft_probs, drafted.cache
-        # Feed a token back (and touch the distributions) so no drafting work is dead code.
+        drafter_state, last = carry
+        drafted = strategy.draft(drafter, drafter_state, last, sampling, jax.random.fold_in(key, i))
+        # Feed a token back (and touch the distributions) so no drafting work is dead code; an
+        # inactive commit hands back the state as it was before the round (the protocol's rule).
+        tokens, probs = drafted.tree.tokens, drafted.draft_probs
         nxt = tokens[:, -1] + (probs[:, -1, 0] > 2).astype(jnp.int32)
-        return truncate(cache, lengths), nxt
+        width = strategy.tokens_per_round
+        accepted = Accepted(
+            tokens=tokens[:, :width], slots=drafted.slot[:, :width], accepted=jnp.zeros_like(last), next_token=nxt,
+            features=None if features is None else jnp.zeros((tokens.shape[0], width) + features.shape[2:], features.dtype),
+            active=inactive,
+        )  # fmt: skip
+        return drafter.commit(drafted.state, accepted), nxt
 
-    return jax.lax.fori_loop(0, passes, body, (cache, last))
+    return jax.lax.fori_loop(0, passes, body, (drafter_state, last))[1]
 
 
 def draft_round_seconds(
     strategy,
-    drafter: Transformer,
+    drafter,
     prompts: jax.Array,
     cache_size: int,
     sampling: Sampling,
     *,
+    target: Transformer | None = None,
     passes: int = 16,
     runs: int = 5,
 ) -> float:
-    """Seconds the drafter spends per round of `strategy` (a `jspec.Chain` or a tree strategy): its
-    catch-up step and every drafting call, after `prompts` were prefilled; median over `runs`
-    compiled loops of `passes` rounds each, divided by `passes`."""
+    """Seconds the drafter spends per round of `strategy` (any strategy of the protocol): its
+    catch-up and every drafting call, after `prompts` were prefilled; median over `runs` compiled
+    loops of `passes` rounds each (minus the same loop's prefill, timed with passes=0), divided by
+    `passes`. `target` gives the features a feature-level drafter reads (an EAGLE head needs it)."""
     graph, state = nnx.split(drafter)
-    cache = _prefill(graph, state, prompts, cache_size)
-    cache = truncate(cache, cache.lengths - 1)  # the loop's invariant: the drafter is 2 tokens behind
-    last = prompts[:, -1]
+    target_graph, target_state = nnx.split(target if target is not None else drafter)
     key = jax.random.key(0)
 
-    def loop():
-        nonlocal cache
-        cache, out = _draft_loop(graph, state, cache, last, key, strategy, sampling, passes)
-        return out
+    def loop(n):
+        return lambda: _draft_loop(graph, state, target_graph, target_state, prompts, key, strategy, sampling, n, cache_size)
 
-    seconds, _ = time_calls(loop, runs)
-    return statistics.median(seconds) / passes
+    with_rounds, _ = time_calls(loop(passes), runs)
+    prefill_only, _ = time_calls(loop(0), runs)
+    return max(statistics.median(with_rounds) - statistics.median(prefill_only), 0.0) / passes
 
 
 def theoretical_round_speedup(tau: float, t_target_1: float, t_verify: float, t_draft_round: float) -> float:

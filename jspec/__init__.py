@@ -1,16 +1,16 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
 from jspec import analysis, demo, models, sampling, sharding, trees, verify
-from jspec.chain import Chain
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
-from jspec.dynamic_tree import DynamicTree
-from jspec.eagle_tree import EagleTree
-from jspec.lossy_verify import LossySpecDec, LossyTypical
-from jspec.multi_candidate import MultiCandidate
-from jspec.rsd import RSD
+from jspec.methods.chain import Chain
+from jspec.methods.dynamic_tree import DynamicTree
+from jspec.methods.eagle_tree import EagleTree
+from jspec.methods.multi_candidate import MultiCandidate
+from jspec.methods.rsd import RSD
+from jspec.methods.sequoia import SequoiaTree
+from jspec.methods.static_tree import StaticTree
 from jspec.sampling import Sampling
-from jspec.sequoia import SequoiaTree
-from jspec.static_tree import StaticTree
+from jspec.verify.lossy import LossySpecDec, LossyTypical
 
 __all__ = [
     "PAD_ID",

@@ -13,7 +13,7 @@ drafts plus the one correction or bonus token, so 1 <= tau <= k + 1).
     speedup_from_costs(tau, ...)           the same from measured per-pass costs, any strategy
     best_k(alpha, cost_ratio, k_max)       the k maximising `speedup`
     mbsu(tau, k, draft_w, target_w)        the memory-bound speedup (VocabTrim)
-    tree_value(acceptance, parents)        Sequoia's F(T): tau of a token tree (jspec.sequoia)
+    tree_value(acceptance, parents)        Sequoia's F(T): tau of a token tree (jspec.methods.sequoia)
     best_tree_value(acceptance, size, d)   the largest F over trees of <= size nodes, depth <= d
 """
 
@@ -24,7 +24,7 @@ import numbers
 
 import numpy as np
 
-from jspec import sequoia as _sequoia
+from jspec.methods import sequoia as _sequoia
 
 __all__ = [
     "best_k",
@@ -73,9 +73,9 @@ def _probabilities(name: str, values) -> np.ndarray:
 
 
 def _positional(acceptance) -> np.ndarray:
-    """Sequoia's positional acceptance vector, checked as jspec.sequoia checks it, and also that it
+    """Sequoia's positional acceptance vector, checked as jspec.methods.sequoia checks it, and also that it
     sums to at most 1: a_i is the probability that the i-th child tried is THE accepted child, and
-    those events are disjoint (jspec.sequoia.measure_acceptance gives such a vector)."""
+    those events are disjoint (jspec.methods.sequoia.measure_acceptance gives such a vector)."""
     a = _probabilities("acceptance", acceptance)
     if a.sum() > 1 + 1e-9:
         raise ValueError(
@@ -179,12 +179,12 @@ def mbsu(tau: float, k: int, draft_weights: float, target_weights: float) -> flo
     return tau / (1.0 + k * n_draft / n_target)
 
 
-# --- trees (Sequoia): thin wrappers, the DP lives in jspec.sequoia ------------------------------
+# --- trees (Sequoia): thin wrappers, the DP lives in jspec.methods.sequoia ------------------------------
 
 
 def tree_value(acceptance, parents) -> float:
     """Sequoia's objective F(T): the expected tokens per round of the token tree `parents` under a
-    positional acceptance vector (`jspec.sequoia.tree_value`).
+    positional acceptance vector (`jspec.methods.sequoia.tree_value`).
 
     acceptance: `[K]`, non-increasing, each in [0, 1], summing to at most 1: a_r = P(the rank-r
     child (1-based, in the order children are tried) is the accepted one | its parent accepted);
@@ -201,8 +201,8 @@ def tree_value(acceptance, parents) -> float:
 
 def best_tree_value(acceptance, size: int, max_depth: int) -> float:
     """The largest `tree_value` over trees of at most `size` nodes (root included, size >= 1) and
-    depth <= max_depth (>= 0): entry [size, max_depth] of `jspec.sequoia.sequoia_values`; the tree
-    itself is `jspec.sequoia.sequoia_tree(acceptance, size, max_depth)`."""
+    depth <= max_depth (>= 0): entry [size, max_depth] of `jspec.methods.sequoia.sequoia_values`; the tree
+    itself is `jspec.methods.sequoia.sequoia_tree(acceptance, size, max_depth)`."""
     a = _positional(acceptance)
     size, max_depth = _int("size", size, 1), _int("max_depth", max_depth, 0)
     return float(_sequoia.sequoia_values(a, size, max_depth)[size, max_depth])

@@ -1,6 +1,8 @@
 """Generation: the autoregressive baseline and speculative decoding, each one compiled program.
 
-After prefill, every round runs inside one `lax.while_loop` on the device. Rows finish
+The loop knows a method only through the strategy protocol (`jspec.rounds`): after the target's
+prefill it calls `strategy.init` once, then `strategy.round` inside one `lax.while_loop` on the
+device, and appends what each round emits. Plain decoding is the strategy `Autoregressive`. Rows finish
 independently (EOS or `max_new_tokens`); a finished row commits nothing and its output stops
 changing. Models are passed as `nnx.split` state (arguments, not closures over weights), so a
 call compiles once per (shapes, strategy, sampling) and never per call or acceptance pattern.
@@ -20,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jspec.chain import Chain, ChainCarry, chain_round
-from jspec.models import KVCache, Transformer, causal_mask, commit, init_cache, truncate
+from jspec.drafters import Prefill, as_drafter, prefill_model
+from jspec.methods.chain import Chain
+from jspec.models import Transformer
 from jspec.models.kv_cache import new_slots
+from jspec.rounds import Autoregressive
 from jspec.sampling import Sampling, sample, warp
-from jspec.sharding import constrain_cache
-from jspec.tree_round import is_tree_strategy, tree_round
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
 
 PAD_ID = -1  # Output.tokens past each row's length
@@ -73,35 +75,11 @@ class LoopState:
     carry: Any
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AutoregressiveCarry:
-    cache: KVCache
-    last: jax.Array  # int32 [B], emitted but not yet in the cache
-
-
-def prefill(model: Transformer, prompts: jax.Array, prompt_lengths: jax.Array, cache_size: int) -> tuple[jax.Array, KVCache]:
-    """Run the prompts `[B, P]` through `model`. Returns the logits after each row's last prompt
-    token `[B, V]` and a cache of `cache_size` slots holding the prompt (`lengths = prompt_lengths`)."""
-    b, p = prompts.shape
-    # Under an ambient mesh (`jax.set_mesh`) pin the new cache to jspec.sharding's layout (batch
-    # over 'data', KV heads over 'model'); nothing else fixes it. Without a mesh this is a no-op.
-    cache = constrain_cache(init_cache(model.config, b, cache_size))
-    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-    logits, cache = model(prompts, positions, causal_mask(b, p), cache, logits_at=(prompt_lengths - 1)[:, None])
-    return logits[:, 0], commit(cache, prompt_lengths)
-
-
-def autoregressive_round(
-    target: Transformer, carry: AutoregressiveCarry, active: jax.Array, sampling: Sampling, key: jax.Array
-) -> tuple[AutoregressiveCarry, jax.Array, jax.Array]:
-    """One target pass over the last token; emits one token per row. Same contract as `chain_round`."""
-    b = carry.last.shape[0]
-    logits, cache = target(carry.last[:, None], carry.cache.lengths[:, None], causal_mask(b, 1), carry.cache)
-    cache = commit(cache, active.astype(jnp.int32))
-    token = sample(key, warp(logits[:, 0], sampling))
-    carry = AutoregressiveCarry(cache=cache, last=jnp.where(active, token, carry.last))
-    return carry, token[:, None], jnp.ones((b,), jnp.int32)
+def prefill(model: Transformer, prompts: jax.Array, prompt_lengths: jax.Array, cache_size: int):
+    """Run the prompts `[B, P]` through `model`: the logits after each row's last prompt token
+    `[B, V]` and a cache of `cache_size` slots holding the prompt (`lengths = prompt_lengths`)."""
+    logits, cache, _ = prefill_model(model, prompts, prompt_lengths, cache_size)
+    return logits, cache
 
 
 def _write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -199,18 +177,8 @@ def _trim(output: Output, max_new_tokens: int) -> Output:
     return Output(tokens=output.tokens[:, :max_new_tokens], lengths=output.lengths, stats=stats)
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "sampling", "budget", "stream"))
-def _generate(target_graph, target_state, prompts, prompt_lengths, key, eos_id, max_new_tokens, *, sampling, budget, stream=None):
-    target = nnx.merge(target_graph, target_state)
-    key_prefill, key_loop = jax.random.split(key)
-    logits, cache = prefill(target, prompts, prompt_lengths, prompts.shape[1] + budget + 1)
-    first = sample(key_prefill, warp(logits, sampling))
-    round_fn = lambda carry, active, key: autoregressive_round(target, carry, active, sampling, key)
-    return _decode_loop(round_fn, AutoregressiveCarry(cache, first), first, key_loop, eos_id, max_new_tokens, budget, 1, stream)
-
-
 @functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "sampling", "budget", "stream"))
-def _speculative_generate(
+def _decode(
     target_graph,
     target_state,
     drafter_graph,
@@ -226,29 +194,46 @@ def _speculative_generate(
     budget,
     stream=None,
 ):
+    """Prefill, `strategy.init`, then `strategy.round` until done: one compiled program per
+    (shapes, strategy, sampling, budget). drafter_graph None: no drafter."""
     target = nnx.merge(target_graph, target_state)
-    drafter = nnx.merge(drafter_graph, drafter_state)
+    drafter = None if drafter_graph is None else as_drafter(nnx.merge(drafter_graph, drafter_state))
+    feature_layers = () if drafter is None else drafter.feature_layers
     key_prefill, key_loop = jax.random.split(key)
     # Slack past the last emitted token: a round writes tokens_scored entries beyond the length.
     cache_size = prompts.shape[1] + budget + strategy.tokens_scored + 1
-    logits, target_cache = prefill(target, prompts, prompt_lengths, cache_size)
-    _, drafter_cache = prefill(drafter, prompts, prompt_lengths, cache_size)
+    logits, cache, features = prefill_model(target, prompts, prompt_lengths, cache_size, feature_layers)
     first = sample(key_prefill, warp(logits, sampling))
-    carry = ChainCarry(
-        target_cache=target_cache,
-        drafter_cache=truncate(drafter_cache, prompt_lengths - 1),
-        prev=jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0],
-        last=first,
-    )
-    if isinstance(strategy, Chain):
-        strategy_round = chain_round
-    elif getattr(strategy, "round_function", None) is not None:  # a round and a carry of its own
-        strategy_round = strategy.round_function
-        carry = strategy.init_carry(target, carry, sampling)
-    else:
-        strategy_round = tree_round
-    round_fn = lambda carry, active, key: strategy_round(strategy, target, drafter, carry, active, sampling, key)
+    carry = strategy.init(target, drafter, Prefill(prompts, prompt_lengths, cache, features), first, sampling)
+    round_fn = lambda carry, active, key: strategy.round(target, drafter, carry, active, sampling, key)  # noqa: E731
     return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, budget, strategy.tokens_per_round, stream)
+
+
+STRATEGY_API = ("tokens_per_round", "tokens_scored", "lossy", "check", "init", "round")
+
+
+def check_strategy(strategy) -> None:
+    """Raise ValueError unless `strategy` implements the strategy protocol (`jspec.rounds`)."""
+    missing = [name for name in STRATEGY_API if not hasattr(strategy, name)]
+    if missing:
+        raise ValueError(
+            f"strategy must be a strategy of the jspec protocol, e.g. jspec.Chain(k=4) (missing {missing}), got {strategy!r}"
+        )
+
+
+def check_drafter(target: Transformer, drafter) -> None:
+    """Raise ValueError unless `drafter` is a model with a drafter (`jspec.drafters.as_drafter`)
+    over the target's vocabulary."""
+    if isinstance(drafter, Transformer):
+        check_vocab(target.config, drafter.config)
+        return
+    if not hasattr(drafter, "as_drafter"):
+        raise ValueError(
+            f"drafter must be a jspec.models.Transformer or provide as_drafter() (e.g. jspec.eagle.EagleHead), "
+            f"got {type(drafter).__name__}"
+        )
+    if hasattr(drafter, "check_target"):
+        drafter.check_target(target)
 
 
 def _check_model(name: str, model) -> None:
@@ -288,9 +273,9 @@ def generate(
     key = check_rng(rng, sampling.greedy)
     graph, state = nnx.split(model)
     n = int(max_new_tokens)
-    output = _generate(
-        graph, state, _pad_width(prompts, bucket_size(prompts.shape[1])), prompt_lengths, key, jnp.int32(eos),
-        jnp.int32(n), sampling=sampling, budget=bucket_size(n), stream=stream,
+    output = _decode(
+        graph, state, None, None, _pad_width(prompts, bucket_size(prompts.shape[1])), prompt_lengths, key,
+        jnp.int32(eos), jnp.int32(n), strategy=Autoregressive(), sampling=sampling, budget=bucket_size(n), stream=stream,
     )  # fmt: skip
     return _trim(output, n)
 
@@ -301,7 +286,7 @@ def speculative_generate(
     prompts,
     *,
     max_new_tokens: int,
-    strategy=Chain(k=4),  # Chain or any tree strategy (jspec.tree_round): StaticTree, SequoiaTree, ...
+    strategy=Chain(k=4),  # any strategy of the protocol (jspec.rounds): Chain, StaticTree, SequoiaTree, ...
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     prompt_lengths=None,
@@ -311,25 +296,27 @@ def speculative_generate(
     """Speculative decoding of `target` with `drafter`; same arguments and output as `generate`
     (`stream` is called once per round, with the tokens the round kept).
 
+    drafter: a `jspec.models.Transformer` sharing the target's vocabulary, or any model providing
+    a drafter of the protocol (`jspec.drafters`), e.g. an EAGLE head (`jspec.eagle.EagleHead`).
+
     With a lossless strategy the output has exactly the distribution of `generate(target, ...)`
     (token for token at temperature 0). `Output.stats.mean_accepted` is tau.
     """
     _check_model("target", target)
-    _check_model("drafter", drafter)
     _check_sampling(sampling)
-    if not (isinstance(strategy, Chain) or is_tree_strategy(strategy)):
-        raise ValueError(f"strategy must be a jspec strategy such as jspec.Chain(k=4), got {strategy!r}")
+    check_strategy(strategy)
     strategy.check(sampling)
-    check_vocab(target.config, drafter.config)
+    check_drafter(target, drafter)
     prompts, prompt_lengths = check_prompts(prompts, prompt_lengths, target.config.vocab_size)
     check_budget("target", target.config, prompts.shape[1], max_new_tokens)
-    check_budget("drafter", drafter.config, prompts.shape[1], max_new_tokens)
+    if isinstance(drafter, Transformer):
+        check_budget("drafter", drafter.config, prompts.shape[1], max_new_tokens)
     eos = check_eos(eos_id, target.config.vocab_size)
     key = check_rng(rng, sampling.greedy)
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter)
     n = int(max_new_tokens)
-    output = _speculative_generate(
+    output = _decode(
         target_graph, target_state, drafter_graph, drafter_state, _pad_width(prompts, bucket_size(prompts.shape[1])),
         prompt_lengths, key, jnp.int32(eos), jnp.int32(n), strategy=strategy, sampling=sampling, budget=bucket_size(n),
         stream=stream,

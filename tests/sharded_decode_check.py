@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import jspec
 from jspec import decode, sharding
 from jspec.models import ModelConfig, Transformer
+from jspec.rounds import Autoregressive
 
 MAX_NEW = 16
 CONFIG = ModelConfig(
@@ -68,10 +69,23 @@ def compiled_text(name, target, drafter, prompts, lengths) -> str:
     prompts = decode._pad_width(prompts, decode.bucket_size(prompts.shape[1]))  # as generate buckets them
     tg, ts = nnx.split(target)
     if name == "generate":
-        lowered = decode._generate.lower(tg, ts, prompts, lengths, key, eos, limit, sampling=jspec.Sampling(), budget=budget)
+        lowered = decode._decode.lower(
+            tg,
+            ts,
+            None,
+            None,
+            prompts,
+            lengths,
+            key,
+            eos,
+            limit,
+            strategy=Autoregressive(),
+            sampling=jspec.Sampling(),
+            budget=budget,
+        )
     else:
         dg, ds = nnx.split(drafter)
-        lowered = decode._speculative_generate.lower(
+        lowered = decode._decode.lower(
             tg,
             ts,
             dg,
@@ -139,7 +153,7 @@ def main() -> None:
     # (never the whole [L, 8, S, 2, D] one) and the model axis all-reduces the partial sums.
     for name in got:  # cache slots as decode sizes them: bucketed prompt and new tokens, one round's slack, 1
         width, budget = decode.bucket_size(prompts.shape[1]), decode.bucket_size(MAX_NEW)
-        s = width + budget + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 0) + 1
+        s = width + budget + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 1) + 1
         with jax.set_mesh(mesh):
             text = compiled_text(name, target, drafter, sharded_prompts, sharded_lengths)
         local, whole = f"f32[2,2,{s},1,16]", f"f32[2,8,{s},2,16]"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from jspec import analysis
-from jspec.sequoia import sequoia_tree
-from jspec.tree_draft import FixedShape
+from jspec.methods.sequoia import sequoia_tree
+from jspec.trees.draft import FixedShape
 
 from conftest import TINY, random_model
 
@@ -184,7 +184,7 @@ def _children_table(parents) -> np.ndarray:
 def simulate_tree(acceptance, parents, rounds: int, seed: int, conditional: bool = False) -> np.ndarray:
     """Tokens emitted per round on a tree, walking from the root (always accepted, counting 1).
 
-    Positional model of jspec.sequoia (conditional=False): at an accepted node its children are
+    Positional model of jspec.methods.sequoia (conditional=False): at an accepted node its children are
     tried in rank order and the rank-r child is THE accepted one with probability acceptance[r]
     (exclusive events, so child r is accepted with probability a_r / (1 - a_1 - ... - a_{r-1})
     given the earlier ranks were rejected); ranks past len(acceptance) are never accepted. The walk

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import jspec
-from jspec.chain import ChainCarry, chain_round
-from jspec.decode import PAD_ID, _generate, _speculative_generate, bucket_size, prefill
-from jspec.models import causal_mask, init_cache, truncate
+from jspec.decode import PAD_ID, _decode, bucket_size
+from jspec.drafters import ModelDrafter, Prefill, prefill_model
+from jspec.models import causal_mask, init_cache
 from jspec.sampling import Sampling, warp
 
 from conftest import TINY, chi_square_pvalue, perturbed, random_model
@@ -112,7 +112,7 @@ def test_compiles_once_per_shapes_strategy_and_sampling(tiny_target):
     """New prompts, lengths, weights, keys and acceptance patterns reuse the compiled program, and
     so do nearby prompt widths and token budgets (one bucket: 17..20)."""
     strategy, sampling = jspec.Chain(k=3, verifier="block"), Sampling(temperature=1.0)
-    before = _speculative_generate._cache_size()
+    before = _decode._cache_size()
     for seed, (width, max_new) in enumerate([(17, 17), (18, 20), (19, 18), (20, 19)]):
         prompts, lengths = _ragged_prompts(seed, 4, width)
         out = jspec.speculative_generate(
@@ -126,12 +126,12 @@ def test_compiles_once_per_shapes_strategy_and_sampling(tiny_target):
             rng=jax.random.key(seed),
         )
         assert out.tokens.shape == (4, max_new) and int(out.lengths.max()) == max_new
-    assert _speculative_generate._cache_size() == before + 1
-    before = _generate._cache_size()
+    assert _decode._cache_size() == before + 1
+    before = _decode._cache_size()
     for width, max_new in [(9, 5), (12, 16), (16, 11)]:
         prompts, lengths = _ragged_prompts(width, 2, width)
         assert jspec.generate(tiny_target, prompts, prompt_lengths=lengths, max_new_tokens=max_new).tokens.shape == (2, max_new)
-    assert _generate._cache_size() == before + 1
+    assert _decode._cache_size() == before + 1
 
 
 @pytest.mark.parametrize(
@@ -190,18 +190,17 @@ def test_runs_inside_a_user_jit(tiny_target):
 
 
 def test_round_steps_compose_into_a_user_loop(tiny_target):
-    """The public per-round steps reproduce generate() in a plain Python loop (streaming use)."""
-    drafter = perturbed(tiny_target, 0.3, 4)
+    """The strategy protocol's init and round reproduce generate() in a plain Python loop (streaming use)."""
+    drafter = ModelDrafter(perturbed(tiny_target, 0.3, 4))
     prompts, lengths = _ragged_prompts(10, 2)
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
     strategy, sampling = jspec.Chain(k=3), Sampling()
     size = prompts.shape[1] + 32
-    logits, target_cache = prefill(tiny_target, prompts, lengths, size)
-    _, drafter_cache = prefill(drafter, prompts, lengths, size)
+    logits, target_cache, _ = prefill_model(tiny_target, prompts, lengths, size)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    carry = ChainCarry(target_cache, truncate(drafter_cache, lengths - 1), prompts[jnp.arange(2), lengths - 1], first)
+    carry = strategy.init(tiny_target, drafter, Prefill(prompts, lengths, target_cache, None), first, sampling)
     streamed = [[int(t)] for t in first]
-    step = jax.jit(lambda carry, key: chain_round(strategy, tiny_target, drafter, carry, jnp.ones(2, bool), sampling, key))
+    step = jax.jit(lambda carry, key: strategy.round(tiny_target, drafter, carry, jnp.ones(2, bool), sampling, key))
     while min(map(len, streamed)) < 12:
         carry, tokens, n = step(carry, jax.random.key(0))
         for row in range(2):
@@ -356,7 +355,7 @@ BAD_CASES = list(_bad_calls(None, None))
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_raises_before_compiling(tiny_target, case):
     pattern, call = _bad_calls(tiny_target, perturbed(tiny_target, 0.1, 0))[case]
-    before = _speculative_generate._cache_size(), _generate._cache_size()
+    before = _decode._cache_size()
     with pytest.raises(ValueError, match=pattern):
         call()
-    assert (_speculative_generate._cache_size(), _generate._cache_size()) == before
+    assert _decode._cache_size() == before

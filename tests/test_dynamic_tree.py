@@ -15,14 +15,15 @@ from flax import nnx
 from test_decode import first3_pvalue
 
 import jspec
-from jspec import dynamic_tree
-from jspec.dynamic_tree import DynamicTree
+from jspec.drafters import ModelDrafter, ModelDrafterState
+from jspec.methods import dynamic_tree
+from jspec.methods.dynamic_tree import DynamicTree
 from jspec.models import causal_mask, commit, init_cache
 from jspec.sampling import Sampling
 
 from conftest import TINY, forward, perturbed
 
-STRATEGY = DynamicTree(budget=7, width=2, max_children=2)
+STRATEGY = DynamicTree(size=7, width=2, max_children=2)
 GREEDY_PROMPTS = np.asarray(jax.random.randint(jax.random.key(2), (4, 6), 0, 64), np.int32)
 GREEDY_LENGTHS = np.array([6, 3, 5, 2], np.int32)  # ragged
 
@@ -54,7 +55,7 @@ WINDOW = 32  # a reference pass scores a sequence padded to this length
 
 @functools.partial(nnx.jit, static_argnames=("strategy", "sampling"))
 def _draft(model, cache, prev, last, key, *, strategy, sampling):
-    tree = strategy.draft(model, cache, prev, last, sampling, key).tree
+    tree = strategy.draft(ModelDrafter(model), ModelDrafterState(cache, prev), last, sampling, key).tree
     return tree.tokens, tree.parent, tree.valid
 
 
@@ -119,7 +120,7 @@ def reference_dyspec(model, row: int, strategy: DynamicTree) -> list:
     return paths
 
 
-@pytest.mark.parametrize("strategy", [STRATEGY, DynamicTree(budget=6, width=1, max_children=3)], ids=str)
+@pytest.mark.parametrize("strategy", [STRATEGY, DynamicTree(size=6, width=1, max_children=3)], ids=str)
 def test_greedy_tree_is_dyspecs_priority_queue_expansion(tiny_target, strategy):
     tokens, parent, valid = drafted_tree(strategy, tiny_target, Sampling())
     for row in range(PROMPTS.shape[0]):
@@ -146,7 +147,7 @@ def test_sampled_tree_is_a_valid_budgeted_tree(tiny_target):
         np.testing.assert_array_equal(valid[row], [True, True, False] + [True] * (n - 3))
 
 
-WIDTH_ONE = DynamicTree(budget=5, width=1, max_children=3)  # width 1: exactly DySpec's expansion
+WIDTH_ONE = DynamicTree(size=5, width=1, max_children=3)  # width 1: exactly DySpec's expansion
 
 
 @pytest.mark.slow
@@ -172,12 +173,12 @@ PRIORITY = dynamic_tree.candidate_priority
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(budget=1), "budget"),
-        (dict(budget=7.0), "budget"),
-        (dict(budget=8, width=2), "width"),
-        (dict(budget=7, width=0), "width"),
-        (dict(budget=7, max_children=0), "max_children"),
-        (dict(budget=7, max_children=True), "max_children"),
+        (dict(size=1), "size"),
+        (dict(size=7.0), "size"),
+        (dict(size=8, width=2), "width"),
+        (dict(size=7, width=0), "width"),
+        (dict(size=7, max_children=0), "max_children"),
+        (dict(size=7, max_children=True), "max_children"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
@@ -186,6 +187,6 @@ def test_bad_arguments_raise(kwargs, name):
 
 
 def test_sizes():
-    s = DynamicTree(budget=7, width=2)
+    s = DynamicTree(size=7, width=2)
     assert (s.size, s.steps, s.max_depth, s.tokens_per_round, s.tokens_scored) == (7, 3, 3, 4, 7)
-    assert DynamicTree(budget=7).max_depth == 6  # width 1: the worst case is a chain
+    assert DynamicTree(size=7).max_depth == 6  # width 1: the worst case is a chain

@@ -14,7 +14,8 @@ from test_decode import first3_pvalue
 
 import jspec
 from jspec.decode import prefill
-from jspec.eagle_tree import EagleTree, pool_size, rerank, top_value_nodes
+from jspec.drafters import ModelDrafter, ModelDrafterState
+from jspec.methods.eagle_tree import EagleTree, pool_size, rerank, top_value_nodes
 from jspec.models import causal_mask, init_cache
 from jspec.sampling import Sampling
 from jspec.trees import tree_ancestor_mask
@@ -24,7 +25,7 @@ from conftest import TINY, assert_greedy_matches_target, forward, perturbed
 # One strategy for the decoding tests (each strategy and shape is one compilation): the beam keeps
 # 4 of 16 candidates per level, the rerank 9 of 52, and the drafter scores 13 nodes, more than the
 # target's 10 (`tokens_scored` is the drafter's).
-STRATEGY = EagleTree(top_k=4, depth=4, total_tokens=10)
+STRATEGY = EagleTree(top_k=4, depth=4, size=10)
 
 
 def _prompts(seed: int) -> np.ndarray:
@@ -79,14 +80,16 @@ def _reference_tree(model, seq: np.ndarray, top_k: int, depth: int, total_tokens
 
 
 def test_drafted_tree_is_eagle2s_tree(tiny_target):
-    strategy = EagleTree(top_k=3, depth=3, total_tokens=10)  # pool of 22: both phases prune
+    strategy = EagleTree(top_k=3, depth=3, size=10)  # pool of 22: both phases prune
     drafter = perturbed(tiny_target, 0.3, seed=1)
     seq = np.asarray(jax.random.randint(jax.random.key(5), (9,), 0, 64), np.int32)
 
     @nnx.jit
     def draft_after(model, seq):  # the drafter's cache holds seq[:-2]; prev, last = seq[-2:]
         _, cache = prefill(model, seq[None, :-2], jnp.array([len(seq) - 2]), 32)
-        return strategy.draft(model, cache, seq[None, -2], seq[None, -1], Sampling(temperature=1.0), None)
+        return strategy.draft(
+            ModelDrafter(model), ModelDrafterState(cache, seq[None, -2]), seq[None, -1], Sampling(temperature=1.0), None
+        )
 
     draft = draft_after(drafter, jnp.asarray(seq))
     tree = jax.tree.map(lambda x: np.asarray(x)[0], draft.tree)
@@ -158,8 +161,8 @@ def test_rerank_is_ancestor_closed_on_random_pools_with_ties():
 @pytest.mark.parametrize(
     "strategy, sampling",
     [
-        (EagleTree(top_k=2, depth=2, total_tokens=5), Sampling(temperature=1.0)),  # keeps 4 of 6 candidates
-        (EagleTree(top_k=3, depth=2, total_tokens=7), Sampling(temperature=0.8, top_k=3)),  # 6 of 12
+        (EagleTree(top_k=2, depth=2, size=5), Sampling(temperature=1.0)),  # keeps 4 of 6 candidates
+        (EagleTree(top_k=3, depth=2, size=7), Sampling(temperature=0.8, top_k=3)),  # 6 of 12
     ],
     ids=["k2-t1", "k3-t0.8-topk3"],
 )
@@ -171,7 +174,7 @@ def test_sampled_eagle_decoding_matches_exact_target_distribution(strategy, samp
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(top_k=0), dict(top_k=2.0), dict(depth=0), dict(depth=True), dict(total_tokens=1), dict(total_tokens="16")],
+    [dict(top_k=0), dict(top_k=2.0), dict(depth=0), dict(depth=True), dict(size=1), dict(size="16")],
     ids=str,
 )
 def test_bad_arguments_raise(kwargs):
@@ -188,8 +191,8 @@ def test_top_k_past_the_vocabulary_raises(tiny_target):
 
 
 def test_sizes():
-    s = EagleTree(top_k=4, depth=4, total_tokens=16)
+    s = EagleTree(top_k=4, depth=4, size=16)
     assert (s.size, s.max_depth, s.tokens_per_round, s.pool_size, s.tokens_scored) == (16, 4, 5, 53, 16)
-    assert EagleTree(top_k=4, depth=4, total_tokens=4).tokens_scored == 13  # the drafter's window
+    assert EagleTree(top_k=4, depth=4, size=4).tokens_scored == 13  # the drafter's window
     assert s.verifier(Sampling()).__name__ == "verify_tree_greedy"
     assert s.verifier(Sampling(temperature=1.0)).__name__ == "verify_tree_deterministic"

@@ -1,4 +1,4 @@
-"""jspec.early_stop and train/mcsd_early_stop.py: the decision model trains (its loss decreases),
+"""jspec.methods.early_stop and train/mcsd_early_stop.py: the decision model trains (its loss decreases),
 saves and loads with Orbax, and the loaded model drives MultiCandidate; bad thresholds are rejected."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jspec
-from jspec import early_stop as es
-from jspec.multi_candidate import MultiCandidate
+from jspec.methods import early_stop as es
+from jspec.methods.multi_candidate import MultiCandidate
 from train import mcsd_early_stop
 
 from conftest import TINY, random_model

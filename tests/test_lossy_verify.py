@@ -1,4 +1,4 @@
-"""jspec.lossy_verify: typical acceptance and SpecDec verification make exactly their stated
+"""jspec.verify.lossy: typical acceptance and SpecDec verification make exactly their stated
 decisions, reduce to greedy where the papers say they do, are lossy at temperature 1, and are
 used only when a Chain is given the rule object."""
 
@@ -13,16 +13,16 @@ import pytest
 from test_decode import SMALL, _exact_first3, _sample_codes
 
 import jspec
-from jspec.lossy_verify import (
+from jspec.models import causal_mask, init_cache
+from jspec.rounds import TreeStrategy
+from jspec.sampling import Sampling
+from jspec.verify.chain import CHAIN_VERIFIERS, verify_greedy, verify_sampling
+from jspec.verify.lossy import (
     LossySpecDec,
     LossyTypical,
     LossyVerifier,
     typical_threshold,
 )
-from jspec.models import causal_mask, init_cache
-from jspec.sampling import Sampling
-from jspec.tree_round import is_tree_strategy
-from jspec.verify import CHAIN_VERIFIERS, verify_greedy, verify_sampling
 
 from conftest import TINY, chi_square_pvalue, forward, perturbed, random_model
 
@@ -316,7 +316,7 @@ def test_no_string_selects_a_lossy_rule(name):
 
 def test_every_default_and_named_strategy_is_lossless():
     for name, rule in CHAIN_VERIFIERS.items():
-        assert rule.__module__ == "jspec.verify" and not isinstance(getattr(rule, "__self__", None), LossyVerifier)
+        assert rule.__module__ == "jspec.verify.chain" and not isinstance(getattr(rule, "__self__", None), LossyVerifier)
         chain = jspec.Chain(k=3, verifier=name)
         assert not chain.lossy and chain.verify_rule is rule and chain.scoring(Sampling(0.5)) == Sampling(0.5)
     assert not inspect.signature(jspec.speculative_generate).parameters["strategy"].default.lossy
@@ -332,7 +332,7 @@ def test_every_default_and_named_strategy_is_lossless():
         strategy = build()
         assert not getattr(strategy, "lossy", False), name
         assert not isinstance(getattr(strategy, "verifier", None), LossyVerifier), name
-        if is_tree_strategy(strategy):
+        if isinstance(strategy, TreeStrategy):
             for sampling in (Sampling(), Sampling(temperature=1.0)):
                 verify = strategy.verifier(sampling)
                 assert not isinstance(getattr(verify, "__self__", None), LossyVerifier), name

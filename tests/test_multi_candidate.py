@@ -1,4 +1,4 @@
-"""jspec.multi_candidate.MultiCandidate (MCSD and Improved MCSD): greedy decoding equals target
+"""jspec.methods.multi_candidate.MultiCandidate (MCSD and Improved MCSD): greedy decoding equals target
 greedy, with and without replacement and with early stop; sampled decoding has the target's exact
 distribution (early stop included); target-initialised candidates are measurably lossy unless
 k_1 = 1; bad arguments are rejected."""
@@ -11,8 +11,8 @@ import pytest
 from test_decode import first3_pvalue, unrelated_small_pair
 
 import jspec
-from jspec.early_stop import FEATURES, ConfidenceStop, EarlyStop
-from jspec.multi_candidate import MultiCandidate
+from jspec.methods.early_stop import FEATURES, ConfidenceStop, EarlyStop
+from jspec.methods.multi_candidate import MultiCandidate
 from jspec.sampling import Sampling
 
 from conftest import assert_greedy_matches_target, perturbed

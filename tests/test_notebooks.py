@@ -29,6 +29,7 @@ def test_notebook_is_committed_clean_with_a_colab_install_cell(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("JSPEC_NOTEBOOK_QUICK", "1")  # notebooks that train run at a tiny size
     # The kernel must be this interpreter (the test's environment), not whatever `python3` is on PATH.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     nb = nbformat.read(path, as_version=4)

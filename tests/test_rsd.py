@@ -22,10 +22,10 @@ from test_dynamic_tree import (
 )
 
 import jspec
-from jspec import rsd
-from jspec.rsd import RSD, top_perturbed, truncated_gumbel
+from jspec.methods import rsd
+from jspec.methods.rsd import RSD, top_perturbed, truncated_gumbel
 from jspec.sampling import Sampling
-from jspec.tree_verify import verify_tree_greedy, verify_tree_without_replacement
+from jspec.verify.tree import verify_tree_greedy, verify_tree_without_replacement
 
 from conftest import chi_square_pvalue, perturbed
 
@@ -99,10 +99,10 @@ def test_constant_branching_drafts_static_trees_gumbel_top_k(monkeypatch):
     calls = []
     monkeypatch.setattr(rsd, "draft_fixed_shape", lambda *args: calls.append(args) or "drafted")
     strategy = RSD(branching=(3, 2))
-    assert strategy.draft("drafter", "cache", "prev", "last", "sampling", "key") == "drafted"
+    assert strategy.draft("drafter", "state", "last", "sampling", "key") == "drafted"
     ((shape, mode, *rest),) = calls
     expected = jspec.StaticTree((3, 2), children="without_replacement").shape
-    assert mode == "without_replacement" and rest == ["drafter", "cache", "prev", "last", "sampling", "key"]
+    assert mode == "without_replacement" and rest == ["drafter", "state", "last", "sampling", "key"]
     np.testing.assert_array_equal(shape.parent, expected.parent)
     assert shape.level_starts == expected.level_starts
     assert (strategy.size, strategy.max_depth, strategy.tokens_per_round, strategy.tokens_scored) == (10, 2, 3, 10)

@@ -1,4 +1,4 @@
-"""jspec.sequoia: the DP equals brute force over all small trees; SequoiaTree decodes losslessly
+"""jspec.methods.sequoia: the DP equals brute force over all small trees; SequoiaTree decodes losslessly
 (greedy token for token, sampled in exact distribution); the measured acceptance vector follows
 the verifier's exact law; the hardware-aware choice trades F against measured times; bad
 arguments are rejected."""
@@ -16,8 +16,7 @@ import pytest
 from test_decode import first3_pvalue
 
 import jspec
-from jspec.sampling import Sampling
-from jspec.sequoia import (
+from jspec.methods.sequoia import (
     SequoiaTree,
     accepted_rank,
     choose_size_and_depth,
@@ -26,7 +25,8 @@ from jspec.sequoia import (
     sequoia_values,
     tree_value,
 )
-from jspec.tree_draft import FixedShape
+from jspec.sampling import Sampling
+from jspec.trees.draft import FixedShape
 
 from conftest import chi_square_pvalue, perturbed
 

@@ -1,4 +1,4 @@
-"""jspec.tree_verify: every lossless tree verifier emits the target's distribution (chi-square on
+"""jspec.verify.tree: every lossless tree verifier emits the target's distribution (chi-square on
 random context-free problems over a tiny vocabulary), and the same test rejects a broken rule."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jspec.tree_verify as tree_verify
-from jspec.tree_verify import TREE_VERIFIERS
+import jspec.verify.tree as tree_verify
 from jspec.trees import tree_from_parents
+from jspec.verify.tree import TREE_VERIFIERS
 
 from conftest import chi_square_pvalue
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jspec.sampling import residual, sample
-from jspec.verify import (
+from jspec.verify.chain import (
     CHAIN_VERIFIERS,
     Verdict,
     block_weights,

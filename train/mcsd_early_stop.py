@@ -5,10 +5,10 @@
 
 Runs MultiCandidate(k_config) rounds of the drafter and target on prompts (the demo prompts by
 default), and records for every round and level l >= 1 that the walk reached (accepted >= l) the
-features of `jspec.early_stop.level_features` and whether the next level was accepted
+features of `jspec.methods.early_stop.level_features` and whether the next level was accepted
 (accepted >= l + 1). Prompts are split into train and held-out ones; a tiny MLP is fitted with
 optax, held-out accuracy is printed (with the majority-class baseline), and the model is saved
-with Orbax to OUT/early_stop (load it with `jspec.early_stop.load`), with OUT/summary.json.
+with Orbax to OUT/early_stop (load it with `jspec.methods.early_stop.load`), with OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import numpy as np
 from flax import nnx
 
 from jspec import demo
-from jspec import early_stop as es
-from jspec.chain import ChainCarry
-from jspec.decode import prefill
-from jspec.models import load, truncate
-from jspec.multi_candidate import MultiCandidate, draft_levels
+from jspec.drafters import ModelDrafter, Prefill, prefill_model
+from jspec.methods import early_stop as es
+from jspec.methods.multi_candidate import MultiCandidate, draft_levels
+from jspec.models import load
 from jspec.sampling import Sampling, sample, warp
-from jspec.tree_round import tree_round
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,19 +66,18 @@ def _collect(target_graph, target_state, drafter_graph, drafter_state, prompts, 
     lengths = jnp.full((b,), p, jnp.int32)
     size = p + rounds * strategy.tokens_per_round + strategy.tokens_scored + 1
     key_prefill, key_rounds = jax.random.split(key)
-    logits, target_cache = prefill(target, prompts, lengths, size)
-    _, drafter_cache = prefill(drafter, prompts, lengths, size)
-    carry = ChainCarry(
-        target_cache, truncate(drafter_cache, lengths - 1), prompts[:, -1], sample(key_prefill, warp(logits, sampling))
-    )
+    drafter = ModelDrafter(drafter)
+    logits, target_cache, _ = prefill_model(target, prompts, lengths, size)
+    first = sample(key_prefill, warp(logits, sampling))
+    carry = strategy.init(target, drafter, Prefill(prompts, lengths, target_cache, None), first, sampling)
     active = jnp.ones((b,), bool)
 
     def one_round(carry, key):
-        # tree_round drafts with the first half of split(key): re-drafting with it gives the same
+        # A round drafts with the first half of split(key): re-drafting with it gives the same
         # tree, whose features we record (the drafter is cheap next to the target).
         key_draft, _ = jax.random.split(key)
-        _, features = draft_levels(strategy, drafter, carry.drafter_cache, carry.prev, carry.last, sampling, key_draft)
-        carry, _, n_emitted = tree_round(strategy, target, drafter, carry, active, sampling, key)
+        _, features = draft_levels(strategy, drafter, carry.drafter, carry.last, sampling, key_draft)
+        carry, _, n_emitted = strategy.round(target, drafter, carry, active, sampling, key)
         return carry, (features, n_emitted - 1)
 
     _, (features, accepted) = jax.lax.scan(one_round, carry, jax.random.split(key_rounds, rounds))

@@ -2,6 +2,7 @@
 
     target = jspec.demo.load("smollm2-135m")            # fetched once per machine (jspec.demo.smollm2)
     drafter = jspec.demo.load("smollm2-135m-drafter")   # bundled; shares the target's embedding table
+    head = jspec.demo.load("smollm2-135m-eagle")        # bundled EAGLE head (jspec.eagle), likewise
     tok = jspec.demo.tokenizer("smollm2-135m")          # a ChatTokenizer: encode, decode, chat template
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
 
@@ -31,7 +32,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from jspec.demo import smollm2
-from jspec.models import Transformer, cast
+from jspec.models import cast
 from jspec.models import load as load_checkpoint
 from jspec.training.tokenizer import load_tokenizer
 
@@ -39,7 +40,8 @@ CODE_MODELS = ("target", "drafter", "drafter-distilled", "drafter-trimmed")
 DRAFTERS = CODE_MODELS[1:]
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_DRAFTER = "smollm2-135m-drafter"
-MODELS = (SMOLLM2, SMOLLM2_DRAFTER) + CODE_MODELS
+SMOLLM2_EAGLE = "smollm2-135m-eagle"
+MODELS = (SMOLLM2, SMOLLM2_DRAFTER, SMOLLM2_EAGLE) + CODE_MODELS
 DEMO_DIR = pathlib.Path(__file__).parent
 
 
@@ -56,13 +58,14 @@ def model_path(name: str) -> pathlib.Path:
     return DEMO_DIR / "models" / name
 
 
-def load(name: str, *, param_dtype: str | None = None) -> Transformer:
-    """A fresh copy of the demo model `name` (see `MODELS`).
+def load(name: str, *, param_dtype: str | None = None):
+    """A fresh copy of the demo model `name` (see `MODELS`): a `jspec.models.Transformer`, or for
+    "smollm2-135m-eagle" a `jspec.eagle.EagleHead`.
 
     "smollm2-135m" is read from its GGUF file (fetched and verified once per machine, see
-    `jspec.demo.smollm2`); "smollm2-135m-drafter" is bundled without its embedding table, which it
-    shares with the target, and takes it from the same file. param_dtype: cast the parameters
-    (e.g. "bfloat16"); default float32.
+    `jspec.demo.smollm2`); "smollm2-135m-drafter" and "smollm2-135m-eagle" are bundled without
+    the embedding table they share with the target, and take it from the same file. param_dtype:
+    cast the parameters (e.g. "bfloat16"); default float32.
     """
     _check_name(name)
     if name == SMOLLM2:
@@ -72,6 +75,11 @@ def load(name: str, *, param_dtype: str | None = None) -> Transformer:
     path = model_path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"demo model {name!r} is missing at {path}; see its card for the training recipe")
+    if name == SMOLLM2_EAGLE:
+        from jspec.eagle import cast_head, load_head
+
+        head = load_head(path, nnx.merge(*_smollm2_state()))
+        return head if param_dtype is None else cast_head(head, param_dtype)
     if name == SMOLLM2_DRAFTER:
         model = load_checkpoint(path, shared=_smollm2_embedding())
     else:
@@ -107,7 +115,7 @@ def tokenizer(name: str = "target"):
     apply_chat_template, eos_id) read from the GGUF file; for the code models the 8192-token
     byte-level BPE `tokenizers.Tokenizer` they share (the default)."""
     _check_name(name)
-    return _chat_tokenizer() if name in (SMOLLM2, SMOLLM2_DRAFTER) else _code_tokenizer()
+    return _chat_tokenizer() if name in (SMOLLM2, SMOLLM2_DRAFTER, SMOLLM2_EAGLE) else _code_tokenizer()
 
 
 def prompts() -> list[str]:

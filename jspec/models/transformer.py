@@ -245,7 +245,8 @@ class Transformer(nnx.Module):
         logits_at: jax.Array | None = None,  # int32 [B, K], indices into the T new tokens
         write_at: jax.Array | int = 0,  # int32 [] or [B], window offset of the first new token
         scatter_head: bool = True,
-    ) -> tuple[jax.Array, KVCache]:
+        features: tuple[int, ...] = (),
+    ):
         """Logits `[B, T, V]` (float32) and the cache with the new keys/values written (lengths unchanged).
 
         With `logits_at`, only the logits of those new tokens, `[B, K, V]`: the output head is most
@@ -253,6 +254,11 @@ class Transformer(nnx.Module):
         `mask` and `write_at`: see the module docstring (defaults: a window of the T new tokens).
         scatter_head=False: a trimmed head's logits stay `[..., head_tokens]` in `head_token_ids`
         order (training over the kept tokens only, without a full-vocabulary tensor).
+
+        features: hidden states to return as well, in Hugging Face's `hidden_states` numbering: l < L
+        is the input of block l (0: the embeddings), l = L the final normed output. Then the call
+        returns `(logits, cache, hidden)` with hidden `[B, T, len(features), d_model]` over all T new
+        tokens (whatever `logits_at`): what a feature-level drafter (EAGLE) reads from the same pass.
         """
         cfg = self.config
         x = self.embed(tokens)
@@ -262,10 +268,16 @@ class Transformer(nnx.Module):
             x = x + self.position_embed(jnp.clip(positions, 0, cfg.max_seq_len - 1))
         visible = attention_mask(mask, cache.lengths, cache.size)
         start = cache.lengths + jnp.asarray(write_at, jnp.int32)
+        check_feature_layers(features, cfg.n_layers)
+        hidden = {}
         for layer, block in enumerate(self.blocks):
+            if layer in features:
+                hidden[layer] = x
             window = cfg.layer_window(layer)
             layer_visible = visible if window is None else sliding_window_mask(visible, positions, window)
             x, cache = block(x, positions, layer_visible, cache, layer, start)
+        if cfg.n_layers in features:
+            hidden[cfg.n_layers] = self.final_norm(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
@@ -277,7 +289,19 @@ class Transformer(nnx.Module):
         if cfg.head_tokens is not None and scatter_head:  # scatter the K head logits back over the full vocabulary
             full = jnp.full(logits.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32)
             logits = full.at[..., self.head_token_ids[...]].set(logits)
+        if features:
+            return logits, cache, jnp.stack([hidden[layer] for layer in features], axis=2)
         return logits, cache
+
+
+def check_feature_layers(features: tuple[int, ...], n_layers: int) -> None:
+    """Raise ValueError unless `features` is a tuple of distinct layer indices in [0, n_layers]."""
+    if (
+        not isinstance(features, tuple)
+        or len(set(features)) != len(features)
+        or any(isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= n_layers for f in features)
+    ):
+        raise ValueError(f"features must be a tuple of distinct ints in [0, {n_layers}], got {features!r}")
 
 
 def causal_mask(batch_size: int, t: int) -> jax.Array:

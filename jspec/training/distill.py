@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jspec.chain import Chain
 from jspec.decode import generate, speculative_generate
+from jspec.methods.chain import Chain
 from jspec.models import Transformer
 from jspec.sampling import Sampling
 from jspec.training.data import batch_at

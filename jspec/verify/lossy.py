@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.scipy.special import entr
 
 from jspec.sampling import Sampling, sample
-from jspec.verify import Verdict, _at, _leading_true, _prob_of
+from jspec.verify.chain import Verdict, _at, _leading_true, _prob_of
 
 
 def _check_real(name: str, value, ok: Callable[[float], bool], want: str) -> None:

@@ -10,7 +10,7 @@ them, so each row emits `x_1..x_n, next_token` (1..k+1 tokens). Rules: Leviathan
 
 All three are lossless. At temperature 0 (one-hot distributions) `verify_sampling` and
 `verify_block` make exactly the decisions of `verify_greedy`. `CHAIN_VERIFIERS` names only these;
-the lossy opt-in rules (typical acceptance, SpecDec) live in `jspec.lossy_verify` and have no name.
+the lossy opt-in rules (typical acceptance, SpecDec) live in `jspec.verify.lossy` and have no name.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `RSD` strategy: Recursive Speculative Decoding (Jeon et al., arXiv 2402.14160), token trees
 whose siblings are drafted without replacement, verified by recursive rejection sampling
-(`jspec.tree_verify.verify_tree_without_replacement`; greedy at temperature 0).
+(`jspec.verify.tree.verify_tree_without_replacement`; greedy at temperature 0).
 
 RSD-C (`branching=(b1, b2, ...)`): constant branching; every node at depth l gets b_{l+1} children
 by Gumbel-top-k (top-b of log q + Gumbel: a sample without replacement, in draw order), the
@@ -37,10 +37,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jspec.methods.static_tree import branching_parents, check_branching
+from jspec.rounds import TreeStrategy
 from jspec.sampling import Sampling, sample_without_replacement
-from jspec.static_tree import branching_parents, check_branching
-from jspec.tree_draft import FixedShape, add_nodes, draft_fixed_shape, start_draft
-from jspec.tree_round import TreeStrategy
+from jspec.trees.draft import FixedShape, add_nodes, draft_fixed_shape, start_draft
 
 
 def _log1mexp(a: jax.Array) -> jax.Array:
@@ -134,12 +134,12 @@ def beam_level(
     return parent, token.astype(jnp.int32), jnp.where(valid, phi_new, -jnp.inf), best, valid
 
 
-def draft_beam(beam: int, depth: int, drafter, cache, prev, last, sampling: Sampling, key: jax.Array):
+def draft_beam(beam: int, depth: int, drafter, state, last, sampling: Sampling, key: jax.Array):
     """Draft the union of `depth` stochastic beams of width `beam`: N = 1 + beam * depth nodes,
     level l (1-based) at indices 1 + (l - 1) * beam .. l * beam."""
     n = 1 + beam * depth
-    draft = start_draft(drafter, cache, prev, last, n, sampling)
-    b = prev.shape[0]
+    draft = start_draft(drafter, state, last, n, sampling)
+    b = last.shape[0]
     phi = jnp.zeros((b, 1), jnp.float32)
     value = jnp.zeros((b, 1), jnp.float32)  # the root's G
     keys = jax.random.split(key, depth)
@@ -198,7 +198,7 @@ class RSD(TreeStrategy):
     def max_depth(self) -> int:
         return len(self.branching) if self.constant else self.depth
 
-    def draft(self, drafter, cache, prev, last, sampling, key):
+    def draft(self, drafter, state, last, sampling, key):
         if self.constant:
-            return draft_fixed_shape(self.shape, "without_replacement", drafter, cache, prev, last, sampling, key)
-        return draft_beam(self.beam, self.depth, drafter, cache, prev, last, sampling, key)
+            return draft_fixed_shape(self.shape, "without_replacement", drafter, state, last, sampling, key)
+        return draft_beam(self.beam, self.depth, drafter, state, last, sampling, key)

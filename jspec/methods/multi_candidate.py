@@ -12,10 +12,10 @@ Improved MCSD, under static shapes:
     target's mask is the maximal mask restricted to depth <= d: under jit, slicing a static mask
     per step is exactly what `valid` flags do. (Shapes do not shrink, so the target pass costs
     the same; a level that every row has stopped before is not scored by the drafter.)
-(iii) early stop: `early_stop=EarlyStop(...)` (a learned model, `jspec.early_stop`) or
+(iii) early stop: `early_stop=EarlyStop(...)` (a learned model, `jspec.methods.early_stop`) or
     `ConfidenceStop(...)` decides after each drafted level l >= 1 whether to draft level l + 1.
     It reads only drafter information at depths <= l, never the tokens it removes, so it is
-    lossless with every verifier (see `jspec.early_stop`).
+    lossless with every verifier (see `jspec.methods.early_stop`).
 (i) target-initialised candidates: the first level drawn from the target's own distribution.
     In our round the root `last` was already drawn from the target, and the target's
     distribution after `last` is unknown before the target pass, so the only faithful version
@@ -24,9 +24,9 @@ Improved MCSD, under static shapes:
     as the paper does, keeps the candidate whose subtree is accepted longest. Choosing among
     target samples by how well the drafter continues them biases the output (measured:
     tests/test_multi_candidate.py), so it is `lossy_target_init=True` and `check` refuses
-    `target_init=True`. With k_1 = 1 it is lossless (nothing is chosen). It needs a round and
-    carry of its own (`target_init_round`, `init_target_init_carry`), which `speculative_generate`
-    runs when a strategy exposes `round_function` and `init_carry`.
+    `target_init=True`. With k_1 = 1 it is lossless (nothing is chosen). It has an `init` and a
+    `round` of its own (the strategy protocol, `jspec.rounds`): the carry also holds the
+    distribution the next candidates are drawn from.
 """
 
 from __future__ import annotations
@@ -38,21 +38,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jspec.chain import ChainCarry, next_carry
-from jspec.early_stop import FEATURES, ConfidenceStop, EarlyStop, level_features
-from jspec.models import Transformer, causal_mask, commit_path
+from jspec.methods.early_stop import FEATURES, ConfidenceStop, EarlyStop, level_features
+from jspec.methods.static_tree import branching_parents, check_branching
+from jspec.models import Transformer, causal_mask
+from jspec.rounds import RoundCarry, TreeStrategy, commit_round, score_tree
 from jspec.sampling import Sampling, warp
-from jspec.static_tree import branching_parents, check_branching
-from jspec.tree_draft import DraftedTree, FixedShape, TreeDraft, add_nodes, choose_children, draft_fixed_shape, start_draft
-from jspec.tree_round import TreeStrategy
-from jspec.tree_verify import (
+from jspec.trees.draft import DraftedTree, FixedShape, TreeDraft, add_nodes, choose_children, draft_fixed_shape, start_draft
+from jspec.trees.tree import Tree
+from jspec.verify.tree import (
     TreeVerdict,
     _deterministic_rule,
     _iid_rule,
     _without_replacement_rule,
     walk_to_residual,
 )
-from jspec.trees import Tree, tree_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class MultiCandidate(TreeStrategy):
     """MCSD: `k_config[i]` candidates for every node at depth i, e.g. (2, 2, 1).
 
     replacement: candidates i.i.d. from q (True) or without replacement (False); both lossless.
-    early_stop: None, `jspec.early_stop.EarlyStop` or `ConfidenceStop`; lossless.
+    early_stop: None, `jspec.methods.early_stop.EarlyStop` or `ConfidenceStop`; lossless.
     target_init: refused by `check` (not lossless); lossy_target_init=True opts in (see module doc).
     """
 
@@ -111,28 +110,27 @@ class MultiCandidate(TreeStrategy):
                 "long the drafter's continuation is accepted biases the output; pass lossy_target_init=True to opt in"
             )
 
-    def draft(self, drafter, cache, prev, last, sampling, key) -> DraftedTree:
+    def draft(self, drafter, state, last, sampling, key) -> DraftedTree:
+        if self.early_stop is None and not self.lossy_target_init:
+            return draft_fixed_shape(self.shape, self.children, drafter, state, last, sampling, key)
+        return draft_levels(self, drafter, state, last, sampling, key)[0].finish()
+
+    # The lossy target-initialised variant carries the next candidates' distribution: its own
+    # init and round (the protocol's; every other variant inherits TreeStrategy's).
+    def init(self, target, drafter, prefill, first_token, sampling):
+        carry = super().init(target, drafter, prefill, first_token, sampling)
+        return init_target_init_carry(target, carry, sampling) if self.lossy_target_init else carry
+
+    def round(self, target, drafter, carry, active, sampling, key):
         if self.lossy_target_init:
-            raise ValueError("lossy_target_init needs its own round (round_function / init_carry), not tree_round")
-        if self.early_stop is None:
-            return draft_fixed_shape(self.shape, self.children, drafter, cache, prev, last, sampling, key)
-        return draft_levels(self, drafter, cache, prev, last, sampling, key)[0].finish()
-
-    # Hooks for a strategy with its own round and carry, which `speculative_generate` runs
-    # (only lossy_target_init uses them).
-    @property
-    def round_function(self):
-        return target_init_round if self.lossy_target_init else None
-
-    def init_carry(self, target: Transformer, carry: ChainCarry, sampling: Sampling) -> TargetInitCarry:
-        return init_target_init_carry(target, carry, sampling)
+            return target_init_round(self, target, drafter, carry, active, sampling, key)
+        return super().round(target, drafter, carry, active, sampling, key)
 
 
 def draft_levels(
     strategy: MultiCandidate,
-    drafter: Transformer,
-    cache,
-    prev: jax.Array,  # int32 [B]
+    drafter,
+    state,
     last: jax.Array,  # int32 [B]
     sampling: Sampling,
     key: jax.Array,
@@ -145,9 +143,9 @@ def draft_levels(
     level l when `early_stop.continue_probability < threshold`; its deeper nodes are invalid.
     """
     shape, mode, stop = strategy.shape, strategy.children, strategy.early_stop
-    b = prev.shape[0]
+    b = last.shape[0]
     starts = shape.level_starts
-    draft = start_draft(drafter, cache, prev, last, shape.size, sampling)
+    draft = start_draft(drafter, state, last, shape.size, sampling)
     log_path = jnp.zeros((b, shape.size), jnp.float32)  # log q (temperature 1) of each node's path
     alive = jnp.ones((b,), bool)
     keys = jax.random.split(key, shape.max_depth)
@@ -196,14 +194,14 @@ def draft_levels(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TargetInitCarry:
-    """The chain carry (target cache holds seq[:-1], `last` = seq[-1]) plus root_probs `[B, V]`:
+    """The round carry (target cache holds seq[:-1], `last` = seq[-1]) plus root_probs `[B, V]`:
     the warped target (residual or bonus) distribution of the token after `last`, not yet drawn."""
 
-    chain: ChainCarry
+    round: RoundCarry
     root_probs: jax.Array
 
 
-def init_target_init_carry(target: Transformer, carry: ChainCarry, sampling: Sampling) -> TargetInitCarry:
+def init_target_init_carry(target: Transformer, carry: RoundCarry, sampling: Sampling) -> TargetInitCarry:
     """One target pass over `last` (written past the cache length, not committed) gives the
     distribution of the token after it, from which the first round's candidates are drawn."""
     b = carry.last.shape[0]
@@ -244,40 +242,30 @@ def select_candidate(
 def target_init_round(
     strategy: MultiCandidate,
     target: Transformer,
-    drafter: Transformer,
+    drafter,
     carry: TargetInitCarry,
     active: jax.Array,  # bool [B]
     sampling: Sampling,
     key: jax.Array,
 ) -> tuple[TargetInitCarry, jax.Array, jax.Array]:
-    """One lossy target-initialised round; the contract of `jspec.tree_round.tree_round`, except
-    that it emits the chosen candidate and its accepted drafts (1 .. max_depth tokens) and carries
-    the residual instead of drawing the token after them."""
+    """One lossy target-initialised round: it emits the chosen candidate and its accepted drafts
+    (1 .. max_depth tokens) and carries the residual instead of drawing the token after them.
+
+    The chosen node becomes the next round's root, so the round commits as if the verdict were
+    "its parent accepted, then the chosen token emitted" (`jspec.rounds.commit_round`)."""
     key_draft, key_verify = jax.random.split(key)
-    chain = carry.chain
-    draft, _ = draft_levels(strategy, drafter, chain.drafter_cache, chain.prev, chain.last, sampling, key_draft, carry.root_probs)
+    previous = carry.round
+    draft, _ = draft_levels(strategy, drafter, previous.drafter, previous.last, sampling, key_draft, carry.root_probs)
     drafted = draft.finish()
     tree = drafted.tree
+    logits, target_cache, features = score_tree(target, previous.target_cache, drafted, drafter.feature_layers)
     draft_probs = drafted.draft_probs.at[:, 0].set(carry.root_probs)  # what the candidates were drawn from
-    positions = chain.target_cache.lengths[:, None] + tree.depth
-    logits, target_cache = target(tree.tokens, positions, drafted.ancestors, chain.target_cache)
     node, r = select_candidate(strategy, sampling, key_verify, tree, draft_probs, warp(logits, sampling))
-
     rows = jnp.arange(tree.tokens.shape[0])
     depth = tree.depth[rows, node]  # >= 1: tokens emitted
-    path, _ = tree_path(tree, node, drafted.ancestors)
-    # The chosen node becomes `last`: commit root .. its parent in the target, the drafts but the
-    # chosen node's parent in the drafter (next_carry rewinds it to one behind the target).
-    target_cache = commit_path(target_cache, path, jnp.where(active, depth, 0))
-    drafter_path = jnp.take_along_axis(drafted.slot, path, axis=1)[:, 1:]
-    drafter_cache = commit_path(drafted.cache, drafter_path, jnp.where(active, jnp.maximum(depth - 1, 0), 0))
-    path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)
-    verdict = TreeVerdict(node, depth - 1, tree.tokens[rows, node])  # "accepted" = drafts before the new last
-    chain = next_carry(chain, target_cache, drafter_cache, path_tokens, verdict, active)
-    emitted = jnp.where(
-        jnp.arange(strategy.max_depth + 1)[None, :] < depth[:, None],
-        jnp.pad(path_tokens[:, 1 : strategy.max_depth + 1], ((0, 0), (0, 1))),
-        0,
+    verdict = TreeVerdict(tree.parent[rows, node], depth - 1, tree.tokens[rows, node])
+    next_round, emitted, n_new = commit_round(
+        previous, drafter, drafted, target_cache, features, verdict, active, strategy.tokens_per_round
     )
     root_probs = jnp.where(active[:, None], r, carry.root_probs)
-    return TargetInitCarry(chain, root_probs), emitted, depth
+    return TargetInitCarry(next_round, root_probs), emitted, n_new

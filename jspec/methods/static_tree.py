@@ -3,7 +3,7 @@
 `branching[l]` children for every node at depth l, e.g. (4, 2, 2, 1): SpecInfer's expansion with
 sampled children, RSD-C's constant branching with Gumbel-top-k (sampling without replacement),
 or top-k candidates. Drafting, scoring and committing are shared with every tree strategy
-(`jspec.tree_draft`, `jspec.tree_round`).
+(`jspec.trees.draft`, `jspec.rounds`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from jspec.tree_draft import FixedShape, draft_fixed_shape
-from jspec.tree_round import TreeStrategy
-from jspec.tree_verify import CHILD_VERIFIERS
+from jspec.rounds import TreeStrategy
+from jspec.trees.draft import FixedShape, draft_fixed_shape
+from jspec.verify.tree import CHILD_VERIFIERS
 
 
 def check_branching(name: str, branching) -> None:
@@ -82,5 +82,5 @@ class StaticTree(TreeStrategy):
     def shape(self) -> FixedShape:
         return FixedShape.from_parents(self.parents())
 
-    def draft(self, drafter, cache, prev, last, sampling, key):
-        return draft_fixed_shape(self.shape, self.children, drafter, cache, prev, last, sampling, key)
+    def draft(self, drafter, state, last, sampling, key):
+        return draft_fixed_shape(self.shape, self.children, drafter, state, last, sampling, key)

@@ -1,27 +1,29 @@
-"""Drafting token trees with the drafter, at static shapes: the pieces every tree builder shares.
+"""Drafting token trees with any drafter (`jspec.drafters`), at static shapes: the pieces every
+tree builder shares.
 
-A `TreeDraft` holds a tree of at most N nodes while it grows, the drafter's logits and warped
-distribution after every scored node, each node's ancestor row, and the drafter cache. Node 0 is
-the root (`last`, committed to the drafter cache by `start_draft`); node i > 0 lives in the
-drafter cache's uncommitted window at slot i - 1, so `add_nodes` scores a batch of new nodes in
-one drafter call that attends to their ancestors drafted by earlier calls (never re-scoring them).
+A `TreeDraft` holds a tree of at most N nodes while it grows, the drafter's logits, warped
+distribution and context after every scored node, each node's ancestor row, and the drafter's
+state. Node 0 is the root (`last`, scored by `start_draft` through the drafter's catch-up); node
+i > 0 lives in the drafter's uncommitted window at slot i - 1, so `add_nodes` scores a batch of new
+nodes in one drafter call that attends to their ancestors drafted by earlier calls (never
+re-scoring them).
 
 Builders differ only in which nodes they add: a fixed shape (`draft_fixed_shape`: StaticTree,
-SequoiaTree, MultiCandidate) or a run-time choice (DynamicTree, RSD-S, EagleTree).
+SequoiaTree, MultiCandidate), a path (`jspec.methods.chain.draft_chain`) or a run-time choice
+(DynamicTree, RSD-S, EagleTree).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec.chain import drafter_catch_up
-from jspec.models import KVCache, Transformer
 from jspec.sampling import Sampling, sample, sample_without_replacement, warp
-from jspec.trees import Tree
+from jspec.trees.tree import Tree
 
 CHILD_MODES = ("iid", "without_replacement", "top_k")
 
@@ -29,18 +31,18 @@ CHILD_MODES = ("iid", "without_replacement", "top_k")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DraftedTree:
-    """What a tree builder hands to `jspec.tree_round.tree_round`.
+    """What a tree builder hands to `jspec.rounds.speculative_round`.
 
     tree: the `Tree` the target scores (`[B, N]`); ancestors: bool `[B, N, N]`, its ancestor mask
     (invalid nodes see only themselves); draft_probs: `[B, N, V]`, the distribution each node's
-    children were drawn from; cache: the drafter cache with `seq` committed; slot: int32 `[B, N]`,
-    where node i's drafter keys/values lie in the uncommitted window (-1 for the root).
+    children were drawn from; state: the drafter's state after drafting; slot: int32 `[B, N]`,
+    where node i's drafter entry lies in the uncommitted window (-1 for the root).
     """
 
     tree: Tree
     ancestors: jax.Array
     draft_probs: jax.Array
-    cache: KVCache
+    state: Any
     slot: jax.Array
 
 
@@ -49,7 +51,8 @@ class DraftedTree:
 class TreeDraft:
     """A tree being drafted. tokens, parent, depth: int32 `[B, N]`; valid: bool `[B, N]`;
     ancestors: bool `[B, N, N]`; logits, probs: float32 `[B, N, V]`, the drafter's raw logits and
-    warped distribution after each scored node (zero for nodes not scored); cache: the drafter's."""
+    warped distribution after each scored node (zero for nodes not scored); context `[B, N, C]`,
+    what the drafter hands a scored node's children; state: the drafter's."""
 
     tokens: jax.Array
     parent: jax.Array
@@ -58,7 +61,8 @@ class TreeDraft:
     ancestors: jax.Array
     logits: jax.Array
     probs: jax.Array
-    cache: KVCache
+    context: jax.Array
+    state: Any
 
     @property
     def size(self) -> int:
@@ -69,20 +73,13 @@ class TreeDraft:
         b, n = self.tokens.shape
         tree = Tree(self.tokens, self.parent, self.depth, self.valid)
         slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) - 1, (b, n))
-        return DraftedTree(tree, self.ancestors, self.probs, self.cache, slot)
+        return DraftedTree(tree, self.ancestors, self.probs, self.state, slot)
 
 
-def start_draft(
-    drafter: Transformer,
-    cache: KVCache,  # holds seq[:-2]
-    prev: jax.Array,  # int32 [B]
-    last: jax.Array,  # int32 [B]
-    size: int,
-    sampling: Sampling,
-) -> TreeDraft:
-    """A tree of budget `size` holding only its root `last`, scored: the drafter catches up on
-    `[prev, last]` (its cache then holds `seq`) and the root's distribution is set."""
-    logits, cache = drafter_catch_up(drafter, cache, prev, last)
+def start_draft(drafter, state, last: jax.Array, size: int, sampling: Sampling) -> TreeDraft:
+    """A tree of budget `size` holding only its root `last` (int32 `[B]`), scored: the drafter
+    catches up (`Drafter.catch_up`) and the root's distribution and context are set."""
+    logits, context, state = drafter.catch_up(state, last)
     b, v = logits.shape
     eye = jnp.broadcast_to(jnp.eye(size, dtype=bool), (b, size, size))
     return TreeDraft(
@@ -93,7 +90,8 @@ def start_draft(
         ancestors=eye,
         logits=jnp.zeros((b, size, v), jnp.float32).at[:, 0].set(logits),
         probs=jnp.zeros((b, size, v), jnp.float32).at[:, 0].set(warp(logits, sampling)),
-        cache=cache,
+        context=jnp.zeros((b, size) + context.shape[1:], context.dtype).at[:, 0].set(context),
+        state=state,
     )
 
 
@@ -106,7 +104,7 @@ def set_nodes(array: jax.Array, start, update: jax.Array) -> jax.Array:
 
 def add_nodes(
     draft: TreeDraft,
-    drafter: Transformer,
+    drafter,
     start,  # int or int32 []: the new nodes take indices start .. start + M - 1 (start >= 1)
     parent: jax.Array,  # int32 [B, M], each < start
     tokens: jax.Array,  # int32 [B, M]
@@ -136,14 +134,14 @@ def add_nodes(
     )
     if not score:
         return draft
-    cache = draft.cache
-    positions = cache.lengths[:, None] + depth - 1  # the root sits at position lengths - 1
-    logits, cache = drafter(tokens, positions, rows[:, :, 1:], cache, write_at=start - 1)
+    parent_context = jnp.take_along_axis(draft.context, parent.reshape(parent.shape + (1,) * (draft.context.ndim - 2)), axis=1)
+    logits, context, state = drafter.extend(draft.state, tokens, parent_context, depth, rows[:, :, 1:], start - 1)
     return dataclasses.replace(
         draft,
         logits=set_nodes(draft.logits, start, logits),
         probs=set_nodes(draft.probs, start, warp(logits, sampling)),
-        cache=cache,
+        context=set_nodes(draft.context, start, context),
+        state=state,
     )
 
 
@@ -206,17 +204,16 @@ class FixedShape:
 def draft_fixed_shape(
     shape: FixedShape,
     mode: str,
-    drafter: Transformer,
-    cache: KVCache,
-    prev: jax.Array,  # int32 [B]
+    drafter,
+    state,
     last: jax.Array,  # int32 [B]
     sampling: Sampling,
     key: jax.Array,
 ) -> DraftedTree:
     """Draft a tree of fixed shape: per level, choose the children of every node of the level above
     (`choose_children` with `mode`) and score the new level in one drafter call."""
-    b = prev.shape[0]
-    draft = start_draft(drafter, cache, prev, last, shape.size, sampling)
+    b = last.shape[0]
+    draft = start_draft(drafter, state, last, shape.size, sampling)
     starts = shape.level_starts
     keys = jax.random.split(key, max(shape.max_depth, 1))
     for level in range(1, shape.max_depth + 1):

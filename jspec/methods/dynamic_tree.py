@@ -11,7 +11,7 @@ they are added, scored by the drafter `width` at a time, and nodes never chosen 
 Why the priority is an expectation (losslessness). A node's children are a sample without
 replacement from q_u in draw order: each scored node pre-draws its Gumbel-top-k order, and the
 j-th child added to u is the j-th token of that order (one child per node per step, so siblings get
-increasing indices in draw order). `jspec.tree_verify.verify_tree_without_replacement` tries them
+increasing indices in draw order). `jspec.verify.tree.verify_tree_without_replacement` tries them
 in index order and is exact when, given the earlier siblings x_1..x_{j-1} (and anything else
 independent of u's order), x_j is distributed as q_u restricted to the other tokens: i.e. when
 *whether* the j-th child exists does not depend on x_j itself. DySpec's own priority, v_u * q_u(x_j),
@@ -36,9 +36,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jspec.rounds import TreeStrategy
 from jspec.sampling import Sampling
-from jspec.tree_draft import TreeDraft, add_nodes, choose_children, set_nodes, start_draft
-from jspec.tree_round import TreeStrategy
+from jspec.trees.draft import TreeDraft, add_nodes, choose_children, set_nodes, start_draft
 from jspec.validation import check_int
 
 
@@ -142,44 +142,40 @@ def _grow(
 
 @dataclasses.dataclass(frozen=True)
 class DynamicTree(TreeStrategy):
-    """DySpec: grow a tree of at most `budget` nodes (root included), adding per step the `width`
-    best next children by expected path probability; each node gets at most `max_children`.
+    """DySpec: grow a tree of at most `size` nodes (the node budget N, root included), adding per
+    step the `width` best next children by expected path probability; each node gets at most
+    `max_children`.
 
-    `budget - 1` must be a multiple of `width`: the tree grows in (budget - 1) / width steps, each
+    `size - 1` must be a multiple of `width`: the tree grows in (size - 1) / width steps, each
     one drafter call over `width` new nodes. Verified by `verify_tree_without_replacement`
     (greedy at temperature 0). See the module docstring for why it is lossless.
     """
 
-    budget: int = 16
+    size: int = 16
     width: int = 1
     max_children: int = 4
 
     def __post_init__(self):
-        check_int("budget", self.budget, 2)
+        check_int("size", self.size, 2)
         check_int("width", self.width, 1)
         check_int("max_children", self.max_children, 1)
-        if (self.budget - 1) % self.width:
-            raise ValueError(f"budget - 1 must be a multiple of width={self.width}, got budget={self.budget}")
+        if (self.size - 1) % self.width:
+            raise ValueError(f"size - 1 must be a multiple of width={self.width}, got size={self.size}")
 
     @property
     def steps(self) -> int:
-        """Drafter calls that add nodes: (budget - 1) / width."""
-        return (self.budget - 1) // self.width
-
-    @property
-    def size(self) -> int:
-        """N, the node budget (root included): the tokens the target scores per round."""
-        return self.budget
+        """Drafter calls that add nodes: (size - 1) / width."""
+        return (self.size - 1) // self.width
 
     @property
     def max_depth(self) -> int:
         """The deepest node possible: a node added at step s has depth <= s + 1, so a chain of
-        `steps` nodes (budget - 1 with width 1)."""
+        `steps` nodes (size - 1 with width 1)."""
         return self.steps
 
-    def draft(self, drafter, cache, prev, last, sampling, key):
+    def draft(self, drafter, state, last, sampling, key):
         n = self.size
-        draft = start_draft(drafter, cache, prev, last, n, sampling)
+        draft = start_draft(drafter, state, last, n, sampling)
         b, _, v = draft.logits.shape
         k = min(self.max_children, v)
         frontier = Frontier(

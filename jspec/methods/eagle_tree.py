@@ -1,5 +1,6 @@
 """The `EagleTree` strategy: EAGLE-2's dynamic draft tree (Li et al., arXiv 2406.16858), drafted by
-an independent drafter model (a small LM, not an EAGLE feature head).
+any drafter of `jspec.drafters`: an EAGLE feature head (`jspec.eagle`), as in the paper, or a small
+language model.
 
 The value of a node is the product of the drafter's confidences along its root path, a confidence
 being the drafter's probability of the token (softmax of its raw logits, at temperature 1 whatever
@@ -14,7 +15,8 @@ sums. Drafting grows a candidate pool level by level (EAGLE-2's expand phase):
 so the pool holds `1 + top_k + (depth - 1) * top_k**2` nodes (root included), of which
 `1 + (depth - 1) * top_k` are scored (root, level 1 and the beams of levels 2 .. depth - 1), with
 one drafter call per level. Then EAGLE-2's rerank keeps the root plus the global top
-`total_tokens - 1` candidates by value, and the target scores those `total_tokens` nodes.
+`size - 1` candidates by value, and the target scores those `size` nodes (EAGLE-2's
+`total_tokens`).
 
 The candidates are chosen by value, never sampled, so the tree is verified with
 `verify_tree_deterministic` (greedy at temperature 0), lossless for any candidate set that does not
@@ -30,11 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jspec.models import KVCache, Transformer
+from jspec.rounds import TreeStrategy
 from jspec.sampling import Sampling
-from jspec.tree_draft import DraftedTree, add_nodes, start_draft
-from jspec.tree_round import TreeStrategy
-from jspec.trees import Tree, tree_ancestor_mask
+from jspec.trees.draft import DraftedTree, add_nodes, start_draft
+from jspec.trees.tree import Tree, tree_ancestor_mask
 from jspec.validation import check_int
 
 
@@ -117,20 +118,20 @@ def _children(logits: jax.Array, value: jax.Array, k: int) -> tuple[jax.Array, j
 def draft_eagle_tree(
     top_k: int,
     depth: int,
-    total_tokens: int,
-    drafter: Transformer,
-    cache: KVCache,  # holds seq[:-2]
-    prev: jax.Array,  # int32 [B]
+    size: int,
+    drafter,
+    state,
     last: jax.Array,  # int32 [B]
     sampling: Sampling,
 ) -> DraftedTree:
     """Expand the candidate pool level by level (one drafter call per level below `depth`), then
-    rerank it into a tree of `total_tokens` nodes (see the module docstring)."""
-    b, k = prev.shape[0], top_k
-    if k > drafter.config.vocab_size:
-        raise ValueError(f"top_k must be <= the drafter's vocabulary size {drafter.config.vocab_size}, got {k}")
+    rerank it into a tree of `size` nodes (see the module docstring). Any drafter of
+    `jspec.drafters`: a small language model, or an EAGLE head (`jspec.eagle`) as in the paper."""
+    b, k = last.shape[0], top_k
+    if k > drafter.vocab_size:
+        raise ValueError(f"top_k must be <= the drafter's vocabulary size {drafter.vocab_size}, got {k}")
     rows = jnp.arange(b)[:, None]
-    draft = start_draft(drafter, cache, prev, last, scored_size(k, depth), sampling)
+    draft = start_draft(drafter, state, last, scored_size(k, depth), sampling)
     # The pool, one [B, M] block per level. scored: the node's index in `draft` (-1: not scored).
     zero = jnp.zeros((b, 1), jnp.int32)
     tokens, parent, value, scored = [last[:, None]], [zero - 1], [jnp.zeros((b, 1))], [zero]
@@ -170,7 +171,7 @@ def draft_eagle_tree(
         jnp.concatenate(parent, axis=1),
         pool_depth,
         jnp.concatenate(value, axis=1),
-        total_tokens,
+        size,
     )
     node_scored = jnp.take_along_axis(scored, source, axis=1)  # [B, N]; -1 for leaves the drafter never scored
     # Only nodes with children need q; a leaf (never scored) gets zeros, which no verifier reads.
@@ -179,37 +180,32 @@ def draft_eagle_tree(
     # A node scored at draft index i lies at drafter window slot i - 1 (the root: -1). Leaves are
     # only ever the last node of an accepted path, whose drafter entry is never committed.
     slot = jnp.where(node_scored >= 0, node_scored - 1, -1)
-    return DraftedTree(tree, tree_ancestor_mask(tree), draft_probs, draft.cache, slot)
+    return DraftedTree(tree, tree_ancestor_mask(tree), draft_probs, draft.state, slot)
 
 
 @dataclasses.dataclass(frozen=True)
 class EagleTree(TreeStrategy):
     """EAGLE-2's dynamic draft tree: per level, expand the top_k nodes by value with their top_k
-    children; finally keep the root and the global top `total_tokens - 1` candidates by value.
+    children; finally keep the root and the global top `size - 1` candidates by value.
 
     top_k: children per expanded node and nodes expanded per level; depth: levels drafted (the
-    deepest node); total_tokens: N, the nodes the target scores per round, root included (nodes
-    past the pool's `1 + top_k + (depth - 1) * top_k**2` are invalid padding).
+    deepest node); size: N, the nodes the target scores per round, root included (nodes
+    past the pool's `1 + top_k + (depth - 1) * top_k**2` are invalid padding; EAGLE-2's `total_tokens`).
     """
 
     top_k: int = 4
     depth: int = 4
-    total_tokens: int = 16
+    size: int = 16
     children = "top_k"  # chosen by value, not sampled: the deterministic verifier (not a field)
 
     def __post_init__(self):
         check_int("top_k", self.top_k, 1)
         check_int("depth", self.depth, 1)
-        check_int("total_tokens", self.total_tokens, 2)
+        check_int("size", self.size, 2)
 
     @property
     def max_depth(self) -> int:
         return self.depth
-
-    @property
-    def size(self) -> int:
-        """N, the node budget (root included): the tokens the target scores per round."""
-        return self.total_tokens
 
     @property
     def pool_size(self) -> int:
@@ -220,8 +216,8 @@ class EagleTree(TreeStrategy):
     def tokens_scored(self) -> int:
         """Cache slots a round writes past the target's length: the target's N, or the drafter's
         window (the drafter, one token ahead, scores more nodes than N when N is small)."""
-        return max(self.total_tokens, scored_size(self.top_k, self.depth))
+        return max(self.size, scored_size(self.top_k, self.depth))
 
-    def draft(self, drafter, cache, prev, last, sampling, key) -> DraftedTree:
+    def draft(self, drafter, state, last, sampling, key) -> DraftedTree:
         del key  # nothing is sampled
-        return draft_eagle_tree(self.top_k, self.depth, self.total_tokens, drafter, cache, prev, last, sampling)
+        return draft_eagle_tree(self.top_k, self.depth, self.size, drafter, state, last, sampling)

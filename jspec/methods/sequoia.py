@@ -35,12 +35,12 @@ from flax import nnx
 
 from jspec.decode import generate
 from jspec.models import Transformer, causal_mask, init_cache
+from jspec.rounds import TreeStrategy
 from jspec.sampling import Sampling, warp
-from jspec.tree_draft import FixedShape, choose_children, draft_fixed_shape
-from jspec.tree_round import TreeStrategy
-from jspec.tree_verify import children_verifier
-from jspec.trees import Tree
+from jspec.trees.draft import FixedShape, choose_children, draft_fixed_shape
+from jspec.trees.tree import Tree
 from jspec.validation import check_int, check_prompts
+from jspec.verify.tree import children_verifier
 
 # --- validation -------------------------------------------------------------------------------
 
@@ -184,8 +184,8 @@ class SequoiaTree(TreeStrategy):
     def shape(self) -> FixedShape:
         return FixedShape.from_parents(self.parents)
 
-    def draft(self, drafter, cache, prev, last, sampling, key):
-        return draft_fixed_shape(self.shape, "without_replacement", drafter, cache, prev, last, sampling, key)
+    def draft(self, drafter, state, last, sampling, key):
+        return draft_fixed_shape(self.shape, "without_replacement", drafter, state, last, sampling, key)
 
 
 # --- measuring the acceptance vector ----------------------------------------------------------

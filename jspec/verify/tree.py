@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jspec.sampling import residual, sample
-from jspec.trees import Tree
+from jspec.trees.tree import Tree
 
 
 class TreeVerdict(NamedTuple):
@@ -126,7 +126,7 @@ def verify_tree_deterministic(key, tree: Tree, draft_probs, target_probs) -> Tre
     return _walk(_deterministic_rule, key, tree, draft_probs, target_probs)
 
 
-# The lossless verifier for each way of choosing a node's children (`jspec.tree_draft.choose_children`).
+# The lossless verifier for each way of choosing a node's children (`jspec.trees.draft.choose_children`).
 CHILD_VERIFIERS: dict[str, Callable[..., TreeVerdict]] = {
     "iid": verify_tree_iid,  # sampled independently from q (SpecInfer, MCSD with replacement)
     "without_replacement": verify_tree_without_replacement,  # Gumbel-top-k (Sequoia, RSD, DySpec)
