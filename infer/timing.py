@@ -81,15 +81,21 @@ def forward_seconds(
     return statistics.median(seconds) / passes
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "target_graph", "strategy", "sampling", "passes", "cache_size"))
-def _draft_loop(graph, state, target_graph, target_state, prompts, key, strategy, sampling, passes: int, cache_size: int):
+@functools.partial(jax.jit, static_argnames=("graph", "target_graph", "cache_size", "width"))
+def _draft_prefill(graph, state, target_graph, target_state, prompts: jax.Array, cache_size: int, width: int):
+    """The drafter's state after `prompts` (the target's prefill gives the features it reads)."""
     drafter = as_drafter(nnx.merge(graph, state))
     target = nnx.merge(target_graph, target_state)
     lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     _, cache, features = prefill_model(target, prompts, lengths, cache_size, drafter.feature_layers)
-    last = prompts[:, -1]
-    drafter_state = drafter.prefill(Prefill(prompts, lengths, cache, features), last, strategy.tokens_per_round)
-    inactive = jnp.zeros_like(lengths, dtype=bool)
+    return drafter.prefill(Prefill(prompts, lengths, cache, features), prompts[:, -1], width)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "strategy", "sampling", "passes"), donate_argnames=("drafter_state",))
+def _draft_loop(graph, state, drafter_state, last: jax.Array, features, key: jax.Array, strategy, sampling, passes: int):
+    drafter = as_drafter(nnx.merge(graph, state))
+    inactive = jnp.zeros(last.shape, bool)
+    width = strategy.tokens_per_round
 
     def body(i, carry):
         drafter_state, last = carry
@@ -98,15 +104,13 @@ def _draft_loop(graph, state, target_graph, target_state, prompts, key, strategy
         # inactive commit hands back the state as it was before the round (the protocol's rule).
         tokens, probs = drafted.tree.tokens, drafted.draft_probs
         nxt = tokens[:, -1] + (probs[:, -1, 0] > 2).astype(jnp.int32)
-        width = strategy.tokens_per_round
         accepted = Accepted(
             tokens=tokens[:, :width], slots=drafted.slot[:, :width], accepted=jnp.zeros_like(last), next_token=nxt,
-            features=None if features is None else jnp.zeros((tokens.shape[0], width) + features.shape[2:], features.dtype),
-            active=inactive,
+            features=features, active=inactive,
         )  # fmt: skip
         return drafter.commit(drafted.state, accepted), nxt
 
-    return jax.lax.fori_loop(0, passes, body, (drafter_state, last))[1]
+    return jax.lax.fori_loop(0, passes, body, (drafter_state, last))
 
 
 def draft_round_seconds(
@@ -121,19 +125,27 @@ def draft_round_seconds(
     runs: int = 5,
 ) -> float:
     """Seconds the drafter spends per round of `strategy` (any strategy of the protocol): its
-    catch-up and every drafting call, after `prompts` were prefilled; median over `runs` compiled
-    loops of `passes` rounds each (minus the same loop's prefill, timed with passes=0), divided by
-    `passes`. `target` gives the features a feature-level drafter reads (an EAGLE head needs it)."""
+    catch-up and every drafting call, after `prompts` were prefilled (outside the timing); median
+    over `runs` compiled loops of `passes` rounds each, divided by `passes`. `target` gives the
+    features a feature-level drafter reads (an EAGLE head needs it)."""
     graph, state = nnx.split(drafter)
     target_graph, target_state = nnx.split(target if target is not None else drafter)
+    drafter_state = _draft_prefill(graph, state, target_graph, target_state, prompts, cache_size, strategy.tokens_per_round)
+    last = prompts[:, -1]
+    layers = as_drafter(drafter).feature_layers  # the features a commit hands over (their values do not matter)
+    features = None
+    if layers:
+        shape = (prompts.shape[0], strategy.tokens_per_round, len(layers), target.config.d_model)
+        features = jnp.zeros(shape, jnp.float32)
     key = jax.random.key(0)
 
-    def loop(n):
-        return lambda: _draft_loop(graph, state, target_graph, target_state, prompts, key, strategy, sampling, n, cache_size)
+    def loop():
+        nonlocal drafter_state
+        drafter_state, out = _draft_loop(graph, state, drafter_state, last, features, key, strategy, sampling, passes)
+        return out
 
-    with_rounds, _ = time_calls(loop(passes), runs)
-    prefill_only, _ = time_calls(loop(0), runs)
-    return max(statistics.median(with_rounds) - statistics.median(prefill_only), 0.0) / passes
+    seconds, _ = time_calls(loop, runs)
+    return statistics.median(seconds) / passes
 
 
 def theoretical_round_speedup(tau: float, t_target_1: float, t_verify: float, t_draft_round: float) -> float:

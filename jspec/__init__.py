@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import analysis, demo, models, sampling, sharding, trees, verify
+from jspec import analysis, demo, drafters, eagle, methods, models, rounds, sampling, sharding, trees, verify
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.methods.chain import Chain
 from jspec.methods.dynamic_tree import DynamicTree
@@ -28,8 +28,12 @@ __all__ = [
     "Stats",
     "analysis",
     "demo",
+    "drafters",
+    "eagle",
     "generate",
+    "methods",
     "models",
+    "rounds",
     "sampling",
     "sharding",
     "speculative_generate",

@@ -142,15 +142,18 @@ class EagleHead(nnx.Module):
         """Logits `[B, T, V]` of the token two after each position, the head's outputs `[B, T, d]`
         (the predicted next features, what drafting feeds back) and the cache with the T entries
         written at window offset `write_at` (lengths unchanged), as `jspec.models.Transformer`."""
+        h, cache = self.hidden(feature, tokens, positions, mask, cache, write_at)
+        return self.logits(h, scatter_head), h, cache
+
+    def hidden(self, feature, tokens, positions, mask, cache: KVCache, write_at=0) -> tuple[jax.Array, KVCache]:
+        """The head's outputs `[B, T, d]` and the cache, without the output head (see `__call__`)."""
         cfg = self.config.layer
         e = self.embed(tokens)
         if cfg.scale_embeddings:
             e = e * jnp.asarray(cfg.d_model**0.5, e.dtype)
         x = self.fc(jnp.concatenate([feature.astype(e.dtype), e], axis=-1))
         visible = attention_mask(mask, cache.lengths, cache.size)
-        h, cache = self.block(x, positions, visible, cache, 0, cache.lengths + jnp.asarray(write_at, jnp.int32))
-        logits = self.logits(h, scatter_head)
-        return logits, h, cache
+        return self.block(x, positions, visible, cache, 0, cache.lengths + jnp.asarray(write_at, jnp.int32))
 
     def logits(self, h: jax.Array, scatter_head: bool = True) -> jax.Array:
         """The LM head over the head's outputs `[..., d]` -> float32 `[..., V]` (or `[..., K]`
@@ -211,7 +214,7 @@ class EagleDrafter:
         following = jnp.where(jnp.arange(p)[None, :] == (lengths - 1)[:, None], first_token[:, None], following)
         cache = init_cache(self.head.config.layer, b, prefill.cache.size)
         positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-        _, _, cache = self.head(features, following, positions, causal_mask(b, p), cache)
+        _, cache = self.head.hidden(features, following, positions, causal_mask(b, p), cache)
         # The last pair waits, pending, for the first round's catch-up (rounds all start alike).
         cache = truncate(commit(cache, lengths), lengths - 1)
         last_feature = jnp.take_along_axis(features, (lengths - 1)[:, None, None], axis=1)  # [B, 1, d]
@@ -223,11 +226,10 @@ class EagleDrafter:
         del last  # the last pending token
         b, w = state.tokens.shape
         positions = state.cache.lengths[:, None] + jnp.arange(w)
-        logits, h, cache = self.head(state.features, state.tokens, positions, causal_mask(b, w), state.cache)
-        at = jnp.maximum(state.n - 1, 0)[:, None]
-        logits = jnp.take_along_axis(logits, at[:, :, None], axis=1)[:, 0]
-        context = jnp.take_along_axis(h, at[:, :, None], axis=1)[:, 0]
-        return logits, context.astype(jnp.float32), dataclasses.replace(state, cache=commit(cache, state.n))
+        h, cache = self.head.hidden(state.features, state.tokens, positions, causal_mask(b, w), state.cache)
+        # Only the last real entry's logits are needed: the output head runs on one position.
+        context = jnp.take_along_axis(h, jnp.maximum(state.n - 1, 0)[:, None, None], axis=1)[:, 0]
+        return self.head.logits(context), context.astype(jnp.float32), dataclasses.replace(state, cache=commit(cache, state.n))
 
     def extend(self, state: EagleState, tokens, context, depth, mask, write_at):
         positions = state.cache.lengths[:, None] + depth - 1

@@ -76,19 +76,27 @@ def test_verify_pass_features_equal_a_separate_forward(target):
     lengths = jnp.array([7])
     strategy = jspec.StaticTree((2, 2))
     drafter = ModelDrafter(random_model(TINY, seed=4))
-    logits, cache, prompt_features = jspec.drafters.prefill_model(target, prompt, lengths, 32, layers)
-    state = drafter.prefill(jspec.drafters.Prefill(prompt, lengths, cache, prompt_features), jnp.array([5]), 3)
-    drafted = strategy.draft(drafter, state, jnp.array([5]), Sampling(), jax.random.key(0))
-    _, _, features = score_tree(target, cache, drafted, layers)
+
+    @jax.jit
+    def draft_and_score(prompt):
+        _, cache, prompt_features = jspec.drafters.prefill_model(target, prompt, lengths, 32, layers)
+        state = drafter.prefill(jspec.drafters.Prefill(prompt, lengths, cache, prompt_features), jnp.array([5]), 3)
+        drafted = strategy.draft(drafter, state, jnp.array([5]), Sampling(), jax.random.key(0))
+        return drafted, prompt_features, score_tree(target, cache, drafted, layers)[2]
+
+    @jax.jit
+    def full_pass(seq):  # [1, T]: every position's features, in a plain causal pass
+        t = seq.shape[1]
+        return target(seq, jnp.arange(t)[None], causal_mask(1, t), init_cache(TINY, 1, t), features=layers)[2]
+
+    drafted, prompt_features, features = draft_and_score(jnp.asarray(prompt))
     tree = jax.tree.map(lambda x: np.asarray(x)[0], drafted.tree)
     for node in range(strategy.size):
         path, u = [], node
         while u >= 0:
             path.append(int(tree.tokens[u]))
             u = int(tree.parent[u])
-        seq = np.concatenate([prompt[0], path[::-1]])[None]
-        t = seq.shape[1]
-        _, _, full = target(jnp.asarray(seq), jnp.arange(t)[None], causal_mask(1, t), init_cache(TINY, 1, t), features=layers)
+        full = full_pass(jnp.asarray(np.concatenate([prompt[0], path[::-1]])[None]))
         np.testing.assert_allclose(np.asarray(features[0, node]), np.asarray(full[0, -1]), rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(prompt_features[0]), np.asarray(full[0, :7]), rtol=2e-5, atol=2e-5)
 

@@ -72,13 +72,18 @@ def test_a_non_strategy_is_refused_before_compiling(target):
 def test_an_inactive_row_comes_out_of_a_round_as_it_went_in(target, make):
     """Every strategy relies on it: a finished row commits nothing, in either model."""
     drafter = make(target)
-    strategy = jspec.StaticTree((2, 2))
+    strategy, sampling = jspec.StaticTree((2, 2)), jspec.Sampling()
     lengths = jnp.asarray(LENGTHS)
-    logits, cache, features = prefill_model(target, PROMPTS, lengths, 40, drafter.feature_layers)
-    first = jnp.argmax(logits, -1).astype(jnp.int32)
-    carry = strategy.init(target, drafter, Prefill(jnp.asarray(PROMPTS), lengths, cache, features), first, jspec.Sampling())
-    active = jnp.array([True, False, True])
-    new, _, _ = strategy.round(target, drafter, carry, active, jspec.Sampling(), jax.random.key(0))
+
+    @jax.jit
+    def init_and_round(prompts):
+        logits, cache, features = prefill_model(target, prompts, lengths, 40, drafter.feature_layers)
+        first = jnp.argmax(logits, -1).astype(jnp.int32)
+        carry = strategy.init(target, drafter, Prefill(prompts, lengths, cache, features), first, sampling)
+        active = jnp.array([True, False, True])
+        return carry, strategy.round(target, drafter, carry, active, sampling, jax.random.key(0))[0]
+
+    carry, new = init_and_round(jnp.asarray(PROMPTS))
     for before, after in zip(jax.tree.leaves(carry), jax.tree.leaves(new)):
         if before.ndim == 0:
             continue

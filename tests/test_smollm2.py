@@ -119,3 +119,21 @@ def test_greedy_speculative_equals_greedy_autoregressive(target, drafter, chat, 
     np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))
     np.testing.assert_array_equal(np.asarray(spec.lengths), np.asarray(ar.lengths))
     assert float(spec.stats.mean_accepted) > 1.3  # the distilled drafter (alpha ~0.43) vs ~1.05 before training
+
+
+@pytest.fixture(scope="module")
+def head(target):
+    return demo.load(demo.SMOLLM2_EAGLE)
+
+
+def test_the_bundled_eagle_head_drafts_losslessly(target, head, chat, prompts):
+    """EAGLE-2's tree drafted by the bundled head from SmolLM2's own features: greedy output equals
+    SmolLM2's, and the head reads the layer its card names."""
+    assert head.config.feature_layers == (target.config.n_layers,) and head.config.head_tokens == 8192
+    ids, lengths = prompts
+    common = dict(prompt_lengths=lengths, max_new_tokens=48, eos_id=chat.eos_id)
+    ar = jspec.generate(target, ids, **common)
+    spec = jspec.speculative_generate(target, head, ids, strategy=jspec.EagleTree(top_k=2, depth=4, size=9), **common)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))
+    np.testing.assert_array_equal(np.asarray(spec.lengths), np.asarray(ar.lengths))
+    assert float(spec.stats.mean_accepted) > 1.5

@@ -18,6 +18,7 @@ machine with the same Python version. Each item is `{"category": ..., "text": ..
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import re
 import textwrap
@@ -252,6 +253,13 @@ def _template_instruction(rng: random.Random, category: str) -> str:
     raise ValueError(f"no template for category {category!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def _split_passages(corpus: str, split: str):
+    """The docstring and function passages of a split (reading and parsing the corpus once per process)."""
+    train_docs, held_out_docs = split_corpus(read_corpus(corpus))
+    return _python_passages(train_docs if split == "train" else held_out_docs)
+
+
 def chat_instructions(split: str, n: int, seed: int = 0, corpus: str = STDLIB) -> list[dict]:
     """n distinct chat instructions `{"category", "text"}`: about 45% templated over the seed lists,
     30% on docstrings and 10% on function sources of the given split ("train" or "held_out") of the
@@ -261,8 +269,7 @@ def chat_instructions(split: str, n: int, seed: int = 0, corpus: str = STDLIB) -
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    train_docs, held_out_docs = split_corpus(read_corpus(corpus))
-    docstrings, functions = _python_passages(train_docs if split == "train" else held_out_docs)
+    docstrings, functions = _split_passages(corpus, split)
     if not docstrings or not functions:
         raise ValueError(f"the {split} split of {corpus!r} has no docstring or function passages")
     rng = random.Random(f"{seed}:{split}")
