@@ -136,4 +136,4 @@ def test_the_bundled_eagle_head_drafts_losslessly(target, head, chat, prompts):
     spec = jspec.speculative_generate(target, head, ids, strategy=jspec.EagleTree(top_k=2, depth=4, size=9), **common)
     np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))
     np.testing.assert_array_equal(np.asarray(spec.lengths), np.asarray(ar.lengths))
-    assert float(spec.stats.mean_accepted) > 1.5
+    assert float(spec.stats.mean_accepted) > 1.3  # held-out tau of this tree: 1.87 (its card)
