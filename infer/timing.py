@@ -129,10 +129,13 @@ def draft_round_seconds(
     over `runs` compiled loops of `passes` rounds each, divided by `passes`. `target` gives the
     features a feature-level drafter reads (an EAGLE head needs it)."""
     graph, state = nnx.split(drafter)
-    target_graph, target_state = nnx.split(target if target is not None else drafter)
+    layers = as_drafter(drafter).feature_layers  # the features a commit hands over (their values do not matter)
+    if layers and target is None:
+        raise ValueError(f"target is needed to time a drafter that reads target features {layers}")
+    # Only a feature-level drafter needs the target's prefill; a language model prefills itself.
+    target_graph, target_state = nnx.split(target if layers else drafter)
     drafter_state = _draft_prefill(graph, state, target_graph, target_state, prompts, cache_size, strategy.tokens_per_round)
     last = prompts[:, -1]
-    layers = as_drafter(drafter).feature_layers  # the features a commit hands over (their values do not matter)
     features = None
     if layers:
         shape = (prompts.shape[0], strategy.tokens_per_round, len(layers), target.config.d_model)
