@@ -23,6 +23,7 @@ import jax
 import jspec
 from infer import bench
 from infer.bench import machine
+from infer.smollm2_card import held_out_chat_batches
 from infer.timing import draft_round_seconds, forward_seconds
 from jspec import demo
 from jspec.eagle import load_head
@@ -46,15 +47,9 @@ def _parameters(model, *, shipped: bool) -> int:
 
 
 def measure(target, head, runs: str, prompts: int, max_new_tokens: int) -> dict:
-    from jspec.training.shards import read_shards
-
     drafter = demo.load(demo.SMOLLM2_DRAFTER)
     chat = demo.tokenizer(demo.SMOLLM2)
-    _, meta = read_shards(os.path.join(runs, "data", "held_out"))
-    texts = [m["text"] for m in meta][:prompts]
-    batches = bench.chat_batches(chat, {"held-out": texts}, 1, target.config.vocab_size, None)
-    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
-    cache = typical.shape[1] + max_new_tokens + 16
+    texts, batches, typical, cache = held_out_chat_batches(runs, prompts, max_new_tokens, target.config.vocab_size)
     t_target = forward_seconds(target, typical, cache, 1)
     out = {
         "machine": machine(),

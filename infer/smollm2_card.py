@@ -37,17 +37,23 @@ def _parameters(model) -> int:
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def smollm2_measurements(target, runs: str, prompts: int = 12, max_new_tokens: int = 128, repeats: int = 1) -> dict:
-    """Alpha, tau, tokens/s and speedup (Chain(k) for k in CARD_KS) and the per-step costs of the bundled drafter."""
+def held_out_chat_batches(runs: str, prompts: int, max_new_tokens: int, vocab_size: int):
+    """The first `prompts` held-out instructions (RUNS/data/held_out, never Spec-Bench) in the chat
+    template, batch 1: (texts, batches, the median-width prompt, the cache size costs are timed at)."""
     from jspec.training.shards import read_shards
 
-    drafter = demo.load(demo.SMOLLM2_DRAFTER)
-    chat = demo.tokenizer(demo.SMOLLM2)
     _, meta = read_shards(os.path.join(runs, "data", "held_out"))
     texts = [m["text"] for m in meta][:prompts]
-    batches = bench.chat_batches(chat, {"held-out": texts}, 1, target.config.vocab_size, None)
+    batches = bench.chat_batches(demo.tokenizer(demo.SMOLLM2), {"held-out": texts}, 1, vocab_size, None)
     typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
-    cache = typical.shape[1] + max_new_tokens + 16
+    return texts, batches, typical, typical.shape[1] + max_new_tokens + 16
+
+
+def smollm2_measurements(target, runs: str, prompts: int = 12, max_new_tokens: int = 128, repeats: int = 1) -> dict:
+    """Alpha, tau, tokens/s and speedup (Chain(k) for k in CARD_KS) and the per-step costs of the bundled drafter."""
+    drafter = demo.load(demo.SMOLLM2_DRAFTER)
+    chat = demo.tokenizer(demo.SMOLLM2)
+    texts, batches, typical, cache = held_out_chat_batches(runs, prompts, max_new_tokens, target.config.vocab_size)
     t_target = forward_seconds(target, typical, cache, 1)
     t_draft = forward_seconds(drafter, typical, cache, 1)
     out = {

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jspec.models import KVCache, Transformer, causal_mask, commit, commit_path, truncate
+from jspec.models import KVCache, Transformer, causal_mask, commit, commit_path, init_cache, truncate
+from jspec.sharding import constrain_cache
 
 
 @jax.tree_util.register_dataclass
@@ -95,9 +96,6 @@ def prefill_model(model: Transformer, prompts: jax.Array, lengths: jax.Array, ca
     """Run the prompts `[B, P]` through `model`. Returns the logits after each row's last prompt
     token `[B, V]`, a cache of `cache_size` slots holding the prompt (`lengths` committed) and, if
     `features` are asked for, the hidden states `[B, P, F, d]` (else None)."""
-    from jspec.models import init_cache
-    from jspec.sharding import constrain_cache
-
     b, p = prompts.shape
     # Under an ambient mesh (`jax.set_mesh`) pin the new cache to jspec.sharding's layout (batch
     # over 'data', KV heads over 'model'); nothing else fixes it. Without a mesh this is a no-op.

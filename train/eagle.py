@@ -38,7 +38,7 @@ from jspec.training.eagle import (
     held_out_acceptance,
     target_rows,
 )
-from jspec.training.loop import TrainConfig, fit
+from jspec.training.loop import TrainConfig, epoch_rows, fit
 from jspec.training.self_distill import PackedRows, pack_examples
 from jspec.training.shards import read_shards
 from jspec.training.vocab_trim import most_frequent, token_counts
@@ -133,12 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=args.warmup_steps, weight_decay=0.0, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
-    rows_per_epoch = len(train) - len(train) % args.batch_size
 
     def batch_fn(step: int, _model):
-        epoch, at = divmod(step * args.batch_size, rows_per_epoch)
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train))[:rows_per_epoch]
-        return train.batch(order[at : at + args.batch_size])
+        return train.batch(epoch_rows(step, len(train), args.batch_size, args.seed))
 
     feature_weight = args.feature_weight if args.feature_weight is not None else (1.0 if args.kind == "eagle1" else 0.0)
     loss = EagleLoss(steps=args.ttt_steps, feature_weight=feature_weight)

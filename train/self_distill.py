@@ -30,7 +30,7 @@ from flax import nnx
 
 from jspec.models import save
 from jspec.training.drafter_init import ALL_BUT_EMBEDDING, scratch_drafter, shallow_drafter
-from jspec.training.loop import TrainConfig, fit
+from jspec.training.loop import TrainConfig, epoch_rows, fit
 from jspec.training.self_distill import SparseDistillLoss, agreement, pack_examples
 from jspec.training.shards import read_shards
 from jspec.training.vocab_trim import most_frequent, token_counts, trim_drafter
@@ -122,12 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
-    rows_per_epoch = len(train_rows) - len(train_rows) % args.batch_size
 
     def batch_fn(step: int, _model):
-        epoch, at = divmod(step * args.batch_size, rows_per_epoch)
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train_rows))[:rows_per_epoch]
-        return train_rows.rows(order[at : at + args.batch_size])
+        return train_rows.rows(epoch_rows(step, len(train_rows), args.batch_size, args.seed))
 
     before = agreement(drafter, held_rows)
     print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()), flush=True)

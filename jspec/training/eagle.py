@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jspec.eagle import EagleHead
@@ -143,8 +144,7 @@ def unrolled_outputs(head: EagleHead, batch: tuple, steps: int):
     feature = head.fuse_features(features.astype(jnp.float32))
     out = []
     for s, mask in enumerate(ttt_masks(segments, steps), start=1):
-        h_cache = cache
-        logits, h, cache = head(feature, following, positions, mask, h_cache, write_at=(s - 1) * t, scatter_head=False)
+        logits, h, cache = head(feature, following, positions, mask, cache, write_at=(s - 1) * t, scatter_head=False)
         # Step s at i needs real features up to i - s + 1 within the example.
         reached = positions >= s - 1
         out.append((logits, h, next_same & reached & (target_weight > 0)))
@@ -181,15 +181,9 @@ class EagleLoss:
             logits, h, trained = out[0]
             next_feature = jnp.concatenate([features[:, 1:, 0], features[:, :1, 0]], axis=1).astype(jnp.float32)
             w = trained.astype(jnp.float32)[..., None]
-            l1 = optax_smooth_l1(h - next_feature)
+            l1 = optax.huber_loss(h, next_feature)  # smooth L1 (delta 1), elementwise
             loss = loss + self.feature_weight * jnp.sum(l1 * w) / jnp.maximum(jnp.sum(w) * h.shape[-1], 1.0)
         return loss
-
-
-def optax_smooth_l1(x: jax.Array) -> jax.Array:
-    """Smooth L1 (Huber with delta 1), elementwise."""
-    a = jnp.abs(x)
-    return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "steps"))

@@ -62,6 +62,16 @@ class TrainState:
     opt_state: Any
 
 
+def epoch_rows(step: int, n_rows: int, batch_size: int, seed: int) -> np.ndarray:
+    """The row indices of training step `step` over `n_rows` rows: each epoch a seeded permutation
+    (seed, epoch), cut to whole batches. A pure function of the step, so a resumed run sees the
+    batches an uninterrupted one would."""
+    rows_per_epoch = n_rows - n_rows % batch_size
+    epoch, at = divmod(step * batch_size, rows_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)[:rows_per_epoch]
+    return order[at : at + batch_size]
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup, cosine decay to min_learning_rate_ratio, global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
