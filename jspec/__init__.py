@@ -1,11 +1,16 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import analysis, demo, drafters, eagle, methods, models, rounds, sampling, sharding, trees, verify
+from jspec import analysis, demo, drafters, eagle, methods, models, retrieval, rounds, sampling, sharding, trees, verify
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
+from jspec.methods.adaptive import AdaptiveK
 from jspec.methods.chain import Chain
 from jspec.methods.dynamic_tree import DynamicTree
 from jspec.methods.eagle_tree import EagleTree
+from jspec.methods.early_stop import ConfidenceStop, EarlyStop
 from jspec.methods.multi_candidate import MultiCandidate
+from jspec.methods.prompt_lookup import PromptLookup
+from jspec.methods.rasd import RASD
+from jspec.methods.rest import Rest
 from jspec.methods.rsd import RSD
 from jspec.methods.sequoia import SequoiaTree
 from jspec.methods.static_tree import StaticTree
@@ -14,14 +19,20 @@ from jspec.verify.lossy import LossySpecDec, LossyTypical
 
 __all__ = [
     "PAD_ID",
+    "RASD",
     "RSD",
+    "AdaptiveK",
     "Chain",
+    "ConfidenceStop",
     "DynamicTree",
     "EagleTree",
+    "EarlyStop",
     "LossySpecDec",
     "LossyTypical",
     "MultiCandidate",
     "Output",
+    "PromptLookup",
+    "Rest",
     "Sampling",
     "SequoiaTree",
     "StaticTree",
@@ -33,6 +44,7 @@ __all__ = [
     "generate",
     "methods",
     "models",
+    "retrieval",
     "rounds",
     "sampling",
     "sharding",

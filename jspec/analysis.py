@@ -12,6 +12,7 @@ drafts plus the one correction or bonus token, so 1 <= tau <= k + 1).
     speedup(alpha, k, cost_ratio)          Leviathan et al.'s walltime improvement
     speedup_from_costs(tau, ...)           the same from measured per-pass costs, any strategy
     best_k(alpha, cost_ratio, k_max)       the k maximising `speedup`
+    best_k_from_costs(alpha, t_draft, t_target)  the same with t_target measured per tokens scored
     mbsu(tau, k, draft_w, target_w)        the memory-bound speedup (VocabTrim)
     tree_value(acceptance, parents)        Sequoia's F(T): tau of a token tree (jspec.methods.sequoia)
     best_tree_value(acceptance, size, d)   the largest F over trees of <= size nodes, depth <= d
@@ -28,6 +29,7 @@ from jspec.methods import sequoia as _sequoia
 
 __all__ = [
     "best_k",
+    "best_k_from_costs",
     "best_tree_value",
     "expected_tau",
     "expected_tau_from_acceptance",
@@ -160,6 +162,25 @@ def best_k(alpha: float, cost_ratio: float, k_max: int = 64) -> int:
     k_max = _int("k_max", k_max, 1)
     values = [speedup(alpha, k, cost_ratio) for k in range(1, k_max + 1)]
     return int(np.argmax(values)) + 1  # argmax returns the first maximum
+
+
+def best_k_from_costs(alpha: float, t_draft: float, t_target) -> int:
+    """The draft length k in 1..len(t_target) - 1 maximising the chain's speedup from measured costs,
+
+        expected_tau(alpha, k) * t_target[0] / (k * t_draft + t_target[k]),
+
+    `speedup_from_costs` with a round of k drafter steps and one target pass over k + 1 tokens.
+    t_draft >= 0: seconds per drafter step; t_target: `[n]`, n >= 2, seconds of one target pass
+    over 1, 2, ..., n tokens (each > 0). Ties go to the smaller k. With t_target constant this is
+    `best_k(alpha, t_draft / t_target[0], n - 1)`.
+    """
+    alpha = _real("alpha", alpha, low=0.0, high=1.0)
+    t_draft = _real("t_draft", t_draft, low=0.0)
+    if isinstance(t_target, (str, bytes)) or np.ndim(t_target) != 1 or len(t_target) < 2:
+        raise ValueError(f"t_target must be a 1-D sequence of >= 2 costs (1, 2, ... tokens scored), got {t_target!r}")
+    costs = [_real(f"t_target[{i}]", t, low=0.0, low_open=True) for i, t in enumerate(t_target)]
+    values = [expected_tau(alpha, k) * costs[0] / (k * t_draft + costs[k]) for k in range(1, len(costs))]
+    return int(np.argmax(values)) + 1
 
 
 def mbsu(tau: float, k: int, draft_weights: float, target_weights: float) -> float:

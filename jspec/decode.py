@@ -282,7 +282,7 @@ def generate(
 
 def speculative_generate(
     target: Transformer,
-    drafter: Transformer,
+    drafter,
     prompts,
     *,
     max_new_tokens: int,
@@ -297,7 +297,8 @@ def speculative_generate(
     (`stream` is called once per round, with the tokens the round kept).
 
     drafter: a `jspec.models.Transformer` sharing the target's vocabulary, or any model providing
-    a drafter of the protocol (`jspec.drafters`), e.g. an EAGLE head (`jspec.eagle.EagleHead`).
+    a drafter of the protocol (`jspec.drafters`), e.g. an EAGLE head (`jspec.eagle.EagleHead`); None
+    for a strategy that drafts without a model (`jspec.PromptLookup`).
 
     With a lossless strategy the output has exactly the distribution of `generate(target, ...)`
     (token for token at temperature 0). `Output.stats.mean_accepted` is tau.
@@ -306,7 +307,11 @@ def speculative_generate(
     _check_sampling(sampling)
     check_strategy(strategy)
     strategy.check(sampling)
-    check_drafter(target, drafter)
+    if drafter is None:
+        if getattr(strategy, "needs_drafter", True):
+            raise ValueError(f"drafter is None, but strategy {strategy!r} needs one (only e.g. jspec.PromptLookup runs without)")
+    else:
+        check_drafter(target, drafter)
     prompts, prompt_lengths = check_prompts(prompts, prompt_lengths, target.config.vocab_size)
     check_budget("target", target.config, prompts.shape[1], max_new_tokens)
     if isinstance(drafter, Transformer):
@@ -314,7 +319,7 @@ def speculative_generate(
     eos = check_eos(eos_id, target.config.vocab_size)
     key = check_rng(rng, sampling.greedy)
     target_graph, target_state = nnx.split(target)
-    drafter_graph, drafter_state = nnx.split(drafter)
+    drafter_graph, drafter_state = (None, None) if drafter is None else nnx.split(drafter)
     n = int(max_new_tokens)
     output = _decode(
         target_graph, target_state, drafter_graph, drafter_state, _pad_width(prompts, bucket_size(prompts.shape[1])),

@@ -26,6 +26,7 @@ its children are chosen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -60,16 +61,45 @@ def emitted_tokens(draft_tokens: jax.Array, verdict) -> jax.Array:
     return jnp.where(index == verdict.accepted[:, None], verdict.next_token[:, None], padded)
 
 
+def prefix_sizes(n: int) -> tuple[int, ...]:
+    """The prefix lengths a round that may score fewer than its n nodes picks from: 1, 2, 3, 5, 9,
+    17, ... below n, then n (each one branch of one compiled program)."""
+    sizes, s = [1], 2
+    while s < n:
+        sizes.append(s)
+        s = 2 * s - 1
+    return tuple(sorted(set(sizes + [n])))
+
+
 def score_tree(
-    target: Transformer, cache: KVCache, drafted: DraftedTree, feature_layers: tuple[int, ...]
+    target: Transformer,
+    cache: KVCache,
+    drafted: DraftedTree,
+    feature_layers: tuple[int, ...],
+    sizes: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, KVCache, jax.Array | None]:
     """One target pass over the drafted tree `[B, N]` under its ancestor mask: raw logits
     `[B, N, V]`, the cache with the N entries written (uncommitted) and the hidden states
-    `[B, N, F, d]` at `feature_layers` (None if there are none)."""
+    `[B, N, F, d]` at `feature_layers` (None if there are none).
+
+    sizes: for a tree whose valid nodes may end early (a chain cut by a stop rule, an adaptive
+    length), the allowed prefix lengths (ascending, the last N): the pass scores only the shortest
+    prefix holding every row's valid nodes, chosen at run time among static branches (`lax.switch`:
+    one program, no recompilation). Nodes past it get zero logits and features, which no verifier
+    reads (they are invalid)."""
     tree = drafted.tree
     positions = cache.lengths[:, None] + tree.depth
-    out = target(tree.tokens, positions, drafted.ancestors, cache, features=feature_layers)
-    return out[0], out[1], (out[2] if feature_layers else None)
+
+    def score(s: int):
+        out = target(tree.tokens[:, :s], positions[:, :s], drafted.ancestors[:, :s, :s], cache, features=feature_layers)
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, tree.size - s)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        return pad(out[0]), out[1], (pad(out[2]) if feature_layers else None)
+
+    if sizes is None or len(sizes) == 1:
+        return score(tree.size)
+    needed = jnp.max(jnp.where(tree.valid, jnp.arange(tree.size) + 1, 1))  # every row's last valid node
+    branch = jnp.searchsorted(jnp.asarray(sizes), needed)
+    return jax.lax.switch(branch, [functools.partial(score, s) for s in sizes])
 
 
 def commit_round(
@@ -108,10 +138,12 @@ def commit_round(
 
 
 def speculative_round(strategy, target: Transformer, drafter: Drafter, carry: RoundCarry, active, sampling, key):
-    """Draft (`strategy.draft`), score in one target pass, verify (`strategy.verify`) and commit."""
+    """Draft (`strategy.draft`), score in one target pass (only the prefix of `strategy.score_sizes`
+    that holds the valid nodes, when the strategy has them), verify (`strategy.verify`) and commit."""
     key_draft, key_verify = jax.random.split(key)
     drafted = strategy.draft(drafter, carry.drafter, carry.last, sampling, key_draft)
-    logits, target_cache, features = score_tree(target, carry.target_cache, drafted, drafter.feature_layers)
+    sizes = getattr(strategy, "score_sizes", None)
+    logits, target_cache, features = score_tree(target, carry.target_cache, drafted, drafter.feature_layers, sizes)
     verdict = strategy.verify(key_verify, drafted, logits, sampling)
     return commit_round(carry, drafter, drafted, target_cache, features, verdict, active, strategy.tokens_per_round)
 
@@ -123,6 +155,7 @@ class SpeculativeStrategy:
     and `verify`, and overrides what differs."""
 
     lossy = False
+    score_sizes: tuple[int, ...] | None = None  # see `score_tree`; None: always score all N nodes
 
     def check(self, sampling: Sampling) -> None:
         del sampling

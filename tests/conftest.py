@@ -98,6 +98,42 @@ def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: floa
     return float(stats.chisquare(counts[keep], expected[keep]).pvalue)
 
 
+# Test files that take a minute or more on one worker although they hold few tests (SmolLM2 or the
+# notebooks; measured on the 2-core CI machine, cold compilation cache), heaviest first.
+SLOW_FEW_TEST_FILES = (
+    "test_infer.py",
+    "test_notebooks.py",
+    "test_train_scripts.py",
+    "test_hf_compare.py",
+    "test_readme.py",
+    "test_sharding.py",
+    "test_smollm2.py",
+    "test_training_self_distill.py",
+)
+
+
+def pytest_configure(config):
+    """Under `--dist loadfile` xdist hands out whole files, by default in order of their number of
+    tests, which leaves the slow files above for last: then one worker runs them while the other
+    idles. Hand them out first instead (`pytest_collection_modifyitems` orders them), so that the
+    run ends on small files and both workers finish together."""
+    if getattr(config.option, "dist", "no") == "loadfile":
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow files above first, in that order, then the others by falling number of tests
+    (xdist's own order); a file's tests keep their order."""
+    rank = {name: i for i, name in enumerate(SLOW_FEW_TEST_FILES)}
+    count: dict = {}
+    for item in items:
+        count[item.path] = count.get(item.path, 0) + 1
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path], first[item.path]))
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> Transformer:
     return random_model(TINY, seed=0)

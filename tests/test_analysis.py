@@ -312,3 +312,16 @@ def test_a_chain_tree_is_expected_tau():
 def test_bad_arguments_raise_naming_them(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_best_k_from_costs_is_best_k_when_the_target_pass_cost_is_flat():
+    from jspec.analysis import best_k, best_k_from_costs
+
+    for alpha in (0.0, 0.3, 0.6, 0.8, 0.95, 1.0):
+        for c in (0.0, 0.05, 0.2, 1.0):
+            assert best_k_from_costs(alpha, c, [1.0] * 9) == best_k(alpha, c, k_max=8)
+    # A target pass that grows with the tokens scored shortens the best chain.
+    assert best_k_from_costs(0.8, 0.05, [1.0 + 0.2 * n for n in range(9)]) < best_k(0.8, 0.05, k_max=8)
+    for bad in ([1.0], [1.0, 0.0], "ab"):
+        with pytest.raises(ValueError, match="t_target"):
+            best_k_from_costs(0.5, 0.1, bad)

@@ -279,9 +279,12 @@ def test_generate_defaults_to_smollm2_and_answers_a_chat_prompt(capsys):
 
 @pytest.mark.slow
 def test_generate_interactive_streams_each_answer_and_reports_tau(monkeypatch, capsys):
-    turns = iter(["Name a colour.", "Name another one.", ""])
+    # The conversation is 257-320 tokens long at both turns (274 and about 300: a long first question,
+    # short answers), one prompt-width bucket: the second turn reuses the first turn's compiled program.
+    context = "I am painting the walls of a small room and cannot decide on the colour. " * 15
+    turns = iter([context + "Name a colour.", "Name another one.", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
-    generate.main(["--interactive", "--max-new-tokens", "16"])
+    generate.main(["--interactive", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and out.count("[tau ") == 2
     first_answer = out.split("assistant> ")[1].split("\n[tau")[0]

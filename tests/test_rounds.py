@@ -15,6 +15,7 @@ import jspec
 from jspec.drafters import ModelDrafter, Prefill, prefill_model
 from jspec.eagle import EagleHead
 from jspec.methods.chain import draft_chain
+from jspec.retrieval import LookupDrafter
 from jspec.rounds import TreeStrategy
 
 from conftest import TINY, perturbed, random_model
@@ -68,7 +69,16 @@ def test_a_non_strategy_is_refused_before_compiling(target):
         jspec.speculative_generate(target, target, PROMPTS, max_new_tokens=4, strategy=object())
 
 
-@pytest.mark.parametrize("make", [lambda t: ModelDrafter(perturbed(t, 0.3, 1)), lambda t: EagleHead.from_target(t).as_drafter()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: ModelDrafter(perturbed(t, 0.3, 1)),
+        lambda t: EagleHead.from_target(t).as_drafter(),
+        lambda t: LookupDrafter(t.config.vocab_size),  # no model: prompt lookup
+        lambda t: LookupDrafter(t.config.vocab_size, inner=ModelDrafter(perturbed(t, 0.3, 1))),
+    ],
+    ids=["model", "eagle-head", "lookup", "lookup-over-model"],
+)
 def test_an_inactive_row_comes_out_of_a_round_as_it_went_in(target, make):
     """Every strategy relies on it: a finished row commits nothing, in either model."""
     drafter = make(target)

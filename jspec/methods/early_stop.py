@@ -44,7 +44,7 @@ def level_features(
     logits: jax.Array,  # [B, M, V], the drafter's raw logits at the level's M nodes
     log_path: jax.Array,  # [B, M], log q of each node's path (sum over its ancestors' edges)
     valid: jax.Array,  # bool [B, M]
-    depth: int,
+    depth,  # int or int32 []
 ) -> jax.Array:
     """The decision model's inputs for one tree level: float32 `[B, len(FEATURES)]`.
 
@@ -61,7 +61,7 @@ def level_features(
             jnp.sum(weights * q.max(axis=-1), axis=1),
             jnp.sum(weights * entropy, axis=1),
             jnp.maximum(best, -50.0),  # bounded: an invalid level must not feed -inf to the model
-            jnp.full(best.shape, float(depth)),
+            jnp.full(best.shape, depth, jnp.float32),  # depth may be traced (a chain's scan)
         ],
         axis=-1,
     )

@@ -1,0 +1,183 @@
+"""Benchmark retrieval drafting and adaptive speculation length against the best fixed chain and
+tree, in one process, on Spec-Bench's prompts by category.
+
+    python -m infer.retrieval_bench --json FILE [--datastore DIR] [--temperatures 0 1] [--per-category 1]
+
+Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/methods.py`'s naming):
+
+    chain-k2        Chain(k=2): the best fixed chain of docs/benchmarks.md on this CPU
+    eagle-n5        EagleTree(top_k=2, depth=2, size=5): the best fixed tree there
+    pld-k4          PromptLookup(k=4), no model
+    rest-n8         Rest(size=8, depth=4) on the --datastore (python -m train.datastore --stdlib)
+    rasd-n5+r6      RASD: the eagle-n5 tree fused with a prompt-lookup trie of 6 nodes (and, with
+                    --rasd-datastore, a REST trie of 6 more)
+    stop-k4         Chain(k=4, stop=ConfidenceStop(0.3)): SpecDec++-style confidence stop
+    adaptive-k4     AdaptiveK from the measured costs (t_draft, t_target(1..5)), k in 1..4
+
+Each prompt is decoded once untimed (compiling its shape) and timed --repeats times (median);
+a method's tokens/s is all its tokens over the sum of those medians. tau: emitted tokens per target
+pass; target passes per prompt (rounds) show the rounds an adaptive method saves or spends. Speedup
+is against AR at the same temperature, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+import jspec
+from infer.bench import (
+    category_records,
+    default_spec_bench,
+    jsonl_batches,
+    machine,
+    measure_by_category,
+    total,
+)
+from infer.models import add_model_arguments, models_from_args
+from infer.timing import forward_seconds
+from jspec.decode import bucket_size
+from jspec.retrieval import Retrieval, load_datastore
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m infer.retrieval_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", required=True, metavar="FILE")
+    add_model_arguments(parser)
+    parser.add_argument("--datastore", metavar="DIR", help="a REST datastore (python -m train.datastore); none: no rest rows")
+    parser.add_argument("--rasd-datastore", action="store_true", help="RASD also retrieves from --datastore")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--per-category", type=int, default=1, help="Spec-Bench prompts per category (default: 1)")
+    parser.add_argument("--prompts-jsonl", metavar="FILE", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per prompt (default: 1)")
+    parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method names (default: all)")
+    return parser
+
+
+def methods(drafter, retrieval, costs: dict[str, float], rasd_datastore: bool) -> list[tuple[str, object, object]]:
+    """(name, strategy, drafter argument) of every method; rest only with a datastore."""
+    t_target = [costs[f"t_target_{n}"] for n in range(1, 6)]
+    out = [
+        ("chain-k2", jspec.Chain(k=2), drafter),
+        ("eagle-n5", jspec.EagleTree(top_k=2, depth=2, size=5), drafter),
+        ("pld-k4", jspec.PromptLookup(k=4), None),
+    ]
+    if retrieval is not None:
+        out.append(("rest-n8", jspec.Rest(size=8, depth=4), retrieval))
+    rasd = jspec.RASD(top_k=2, depth=2, size=5, retrieval_size=6, retrieval_depth=6, use_datastore=rasd_datastore)
+    out += [
+        (
+            "rasd-n5+r6" + ("+ds" if rasd_datastore else ""),
+            rasd,
+            Retrieval(retrieval.datastore, drafter) if rasd_datastore else drafter,
+        ),
+        ("stop-k4", jspec.Chain(k=4, stop=jspec.ConfidenceStop(0.3)), drafter),
+        ("adaptive-k4", jspec.AdaptiveK.from_costs(costs["t_draft"], t_target, k_max=4), drafter),
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    target, drafter, description = models_from_args(parser, args)
+    args.prompts_jsonl = args.prompts_jsonl or default_spec_bench()
+    if args.prompts_jsonl is None:
+        parser.error("needs --prompts-jsonl (Spec-Bench's question.jsonl; or set $JSPEC_SPEC_BENCH)")
+    batches, prompts_description = jsonl_batches(parser, args, target.config.vocab_size)
+    retrieval = None
+    if args.datastore:
+        datastore = jax.device_put(load_datastore(args.datastore))
+        retrieval = Retrieval(datastore)
+        print(f"datastore: {args.datastore}, {datastore.corpus.shape[0]} tokens")
+    eos_id = target_eos(args)
+    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + 32
+    costs = {f"t_target_{n}": forward_seconds(target, typical, cache_size, n, passes=16, runs=5) for n in (1, 2, 3, 4, 5, 8, 10)}
+    costs["t_draft"] = forward_seconds(drafter, typical, cache_size, 1, passes=16, runs=5)
+    print("costs (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in costs.items()))
+    context = {"target": description, "machine": machine(), "prompts": prompts_description, "max_new_tokens": args.max_new_tokens}
+    records = []
+    started = time.time()
+    for temperature in args.temperatures:
+        sampling = jspec.Sampling(temperature=temperature)
+        common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=jax.random.key(args.seed), eos_id=eos_id)
+        ar = measure_by_category(
+            lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
+        )
+        ar_total = total(ar)
+        ar_rate = ar_total.tokens / ar_total.seconds
+        records.append(record("ar", temperature, ar, None, ar_rate, costs, context))
+        save(args.json, records)
+        for name, strategy, drafter_arg in methods(drafter, retrieval, costs, args.rasd_datastore):
+            if args.methods and name not in args.methods:
+                continue
+            by_category = measure_by_category(
+                lambda b: jspec.speculative_generate(
+                    target, drafter_arg, b.prompts, prompt_lengths=b.lengths, strategy=strategy, **common
+                ),
+                batches,
+                args.repeats,
+            )
+            records.append(record(name, temperature, by_category, ar, ar_rate, costs, {**context, "strategy": repr(strategy)}))
+            save(args.json, records)
+            jax.clear_caches()
+    print(f"total {time.time() - started:.0f} s")
+    print(category_table(records))
+    return records
+
+
+def save(path: str, records: list[dict]) -> None:
+    """Write the records so far (a long run keeps what it measured) and print the newest."""
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    print_row(records[-1])
+
+
+def target_eos(args):
+    from infer.models import chat_tokenizer
+
+    chat = chat_tokenizer(args)
+    return None if chat is None else chat.eos_id
+
+
+def record(name, temperature, by_category, ar, ar_rate, costs, context) -> dict:
+    measured = total(by_category)
+    rate = measured.tokens / measured.seconds
+    return {
+        "method": name,
+        "temperature": temperature,
+        "tau": 1.0 if ar is None else measured.tau,
+        "tokens_per_s": rate,
+        "speedup_vs_ar": rate / ar_rate,
+        "target_passes": measured.passes / measured.rows,
+        "tokens_per_row": measured.tokens / measured.rows,
+        "by_category": category_records(by_category, ar, ar is None),
+        "costs_ms": {k: v * 1e3 for k, v in costs.items()},
+        **context,
+    }
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"| {r['method']} | {r['temperature']:g} | tau {r['tau']:.2f} | {r['tokens_per_s']:.1f} tok/s | "
+        f"{r['speedup_vs_ar']:.2f}x | passes/prompt {r['target_passes']:.1f} |",
+        flush=True,
+    )
+
+
+def category_table(records: list[dict]) -> str:
+    categories = list(records[0]["by_category"])
+    lines = ["| method | T | " + " | ".join(categories) + " | overall | tau |", "|" + "---|" * (len(categories) + 4)]
+    for r in records:
+        cells = " | ".join(f"{r['by_category'][c]['speedup_vs_ar']:.2f}x" for c in categories)
+        lines.append(f"| {r['method']} | {r['temperature']:g} | {cells} | {r['speedup_vs_ar']:.2f}x | {r['tau']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
