@@ -17,12 +17,11 @@ from typing import Any
 
 from jspec.methods.chain import Chain
 from jspec.methods.early_stop import ConfidenceStop
-from jspec.retrieval.lookup import LookupDrafter, as_lookup_drafter, check_ngram_sizes
-from jspec.rounds import RoundCarry, speculative_round
+from jspec.retrieval.lookup import LookupDrafter, LookupRounds, as_lookup_drafter, check_ngram_sizes
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookup(Chain):
+class PromptLookup(LookupRounds, Chain):
     """Chain(k) drafted by prompt lookup (see the module docstring).
 
     ngram_sizes: the n-gram lengths searched, longest first. stop: cuts the chain after a node whose
@@ -43,9 +42,3 @@ class PromptLookup(Chain):
     def lookup_drafter(self, target, drafter) -> LookupDrafter:
         """The lookup over `drafter` (None: no model) for `target`'s vocabulary."""
         return as_lookup_drafter(target, drafter, self.ngram_sizes)
-
-    def init(self, target, drafter, prefill, first_token, sampling) -> RoundCarry:
-        return super().init(target, self.lookup_drafter(target, drafter), prefill, first_token, sampling)
-
-    def round(self, target, drafter, carry, active, sampling, key):
-        return speculative_round(self, target, self.lookup_drafter(target, drafter), carry, active, sampling, key)

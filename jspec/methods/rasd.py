@@ -31,6 +31,7 @@ from jspec.methods.rest import require_datastore
 from jspec.retrieval.datastore import retrieve
 from jspec.retrieval.lookup import (
     LookupDrafter,
+    LookupRounds,
     LookupState,
     as_lookup_drafter,
     check_ngram_sizes,
@@ -39,14 +40,14 @@ from jspec.retrieval.lookup import (
     tail_tokens,
 )
 from jspec.retrieval.trie import fuse_trees, trie_from_sequences
-from jspec.rounds import RoundCarry, TreeStrategy, speculative_round
+from jspec.rounds import TreeStrategy
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import tree_ancestor_mask, tree_from_parents
 from jspec.validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
-class RASD(TreeStrategy):
+class RASD(LookupRounds, TreeStrategy):
     """EAGLE-2's tree (top_k, depth, size) fused with pruned retrieval trees (module docstring).
 
     retrieval_size: nodes of each retrieval trie (root included); retrieval_depth: the longest
@@ -109,12 +110,6 @@ class RASD(TreeStrategy):
         if self.use_datastore:
             require_datastore(drafter, self)
         return drafter
-
-    def init(self, target, drafter, prefill, first_token, sampling) -> RoundCarry:
-        return super().init(target, self.lookup_drafter(target, drafter), prefill, first_token, sampling)
-
-    def round(self, target, drafter, carry, active, sampling, key):
-        return speculative_round(self, target, self.lookup_drafter(target, drafter), carry, active, sampling, key)
 
     def retrieval_tries(self, drafter: LookupDrafter, history, end, root):
         """The retrieval tries `[(tokens, parent, valid), ...]`, each `[B, retrieval_size]`."""

@@ -17,8 +17,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from jspec.retrieval.datastore import retrieve
-from jspec.retrieval.lookup import LookupDrafter, LookupState, as_lookup_drafter
-from jspec.rounds import RoundCarry, TreeStrategy, speculative_round
+from jspec.retrieval.lookup import LookupDrafter, LookupRounds, LookupState, as_lookup_drafter
+from jspec.rounds import TreeStrategy
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import tree_ancestor_mask
 from jspec.validation import check_int
@@ -30,7 +30,7 @@ def require_datastore(drafter: LookupDrafter, strategy) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rest(TreeStrategy):
+class Rest(LookupRounds, TreeStrategy):
     """REST's draft tree from a datastore.
 
     size: N, nodes the target scores per round (root included); depth: the longest continuation
@@ -59,12 +59,6 @@ class Rest(TreeStrategy):
         drafter = as_lookup_drafter(target, drafter, (1,))
         require_datastore(drafter, self)
         return drafter
-
-    def init(self, target, drafter, prefill, first_token, sampling) -> RoundCarry:
-        return super().init(target, self.lookup_drafter(target, drafter), prefill, first_token, sampling)
-
-    def round(self, target, drafter, carry, active, sampling, key):
-        return speculative_round(self, target, self.lookup_drafter(target, drafter), carry, active, sampling, key)
 
     def draft(self, drafter: LookupDrafter, state: LookupState, last, sampling, key) -> DraftedTree:
         del sampling, key  # nothing is sampled

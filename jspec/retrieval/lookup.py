@@ -246,3 +246,15 @@ def as_lookup_drafter(target, drafter, ngram_sizes: tuple[int, ...]) -> LookupDr
     if isinstance(drafter, LookupDrafter):
         return dataclasses.replace(drafter, vocab_size=target.config.vocab_size, ngram_sizes=ngram_sizes)
     return LookupDrafter(target.config.vocab_size, ngram_sizes, drafter)
+
+
+class LookupRounds:
+    """For a strategy that drafts through a `LookupDrafter` (PromptLookup, Rest, RASD): `init` and
+    `round` are its base's, with the drafter argument wrapped by `self.lookup_drafter(target,
+    drafter)`. Put it before the base strategy class."""
+
+    def init(self, target, drafter, prefill, first_token, sampling):
+        return super().init(target, self.lookup_drafter(target, drafter), prefill, first_token, sampling)
+
+    def round(self, target, drafter, carry, active, sampling, key):
+        return super().round(target, self.lookup_drafter(target, drafter), carry, active, sampling, key)
