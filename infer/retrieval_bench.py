@@ -7,10 +7,10 @@ Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/method
 
     chain-k2        Chain(k=2): the best fixed chain of docs/benchmarks.md on this CPU
     eagle-n5        EagleTree(top_k=2, depth=2, size=5): the best fixed tree there
-    pld-k4          PromptLookup(k=4), no model
+    pld-k4, pld-k8  PromptLookup(k=4), PromptLookup(k=8), no model
     rest-n8         Rest(size=8, depth=4) on the --datastore (python -m train.datastore --stdlib)
-    rasd-n5+r6      RASD: the eagle-n5 tree fused with a prompt-lookup trie of 6 nodes (and, with
-                    --rasd-datastore, a REST trie of 6 more)
+    rasd-n5+r6      RASD: the eagle-n5 tree fused with a prompt-lookup trie of 6 nodes
+    rasd-n5+r6+ds   the same with a REST trie of 6 more nodes from the --datastore
     stop-k4         Chain(k=4, stop=ConfidenceStop(0.3)): SpecDec++-style confidence stop
     adaptive-k4     AdaptiveK from the measured costs (t_draft, t_target(1..5)), k in 1..4
 
@@ -48,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", required=True, metavar="FILE")
     add_model_arguments(parser)
     parser.add_argument("--datastore", metavar="DIR", help="a REST datastore (python -m train.datastore); none: no rest rows")
-    parser.add_argument("--rasd-datastore", action="store_true", help="RASD also retrieves from --datastore")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--per-category", type=int, default=1, help="Spec-Bench prompts per category (default: 1)")
@@ -58,23 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def methods(drafter, retrieval, costs: dict[str, float], rasd_datastore: bool) -> list[tuple[str, object, object]]:
-    """(name, strategy, drafter argument) of every method; rest only with a datastore."""
+def methods(drafter, retrieval, costs: dict[str, float]) -> list[tuple[str, object, object]]:
+    """(name, strategy, drafter argument) of every method; rest and rasd+ds only with a datastore."""
     t_target = [costs[f"t_target_{n}"] for n in range(1, 6)]
     out = [
         ("chain-k2", jspec.Chain(k=2), drafter),
         ("eagle-n5", jspec.EagleTree(top_k=2, depth=2, size=5), drafter),
         ("pld-k4", jspec.PromptLookup(k=4), None),
+        ("pld-k8", jspec.PromptLookup(k=8), None),
     ]
     if retrieval is not None:
         out.append(("rest-n8", jspec.Rest(size=8, depth=4), retrieval))
-    rasd = jspec.RASD(top_k=2, depth=2, size=5, retrieval_size=6, retrieval_depth=6, use_datastore=rasd_datastore)
+    rasd = dict(top_k=2, depth=2, size=5, retrieval_size=6, retrieval_depth=6)
+    out.append(("rasd-n5+r6", jspec.RASD(**rasd), drafter))
+    if retrieval is not None:
+        out.append(("rasd-n5+r6+ds", jspec.RASD(**rasd, use_datastore=True), Retrieval(retrieval.datastore, drafter)))
     out += [
-        (
-            "rasd-n5+r6" + ("+ds" if rasd_datastore else ""),
-            rasd,
-            Retrieval(retrieval.datastore, drafter) if rasd_datastore else drafter,
-        ),
         ("stop-k4", jspec.Chain(k=4, stop=jspec.ConfidenceStop(0.3)), drafter),
         ("adaptive-k4", jspec.AdaptiveK.from_costs(costs["t_draft"], t_target, k_max=4), drafter),
     ]
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ar_rate = ar_total.tokens / ar_total.seconds
         records.append(record("ar", temperature, ar, None, ar_rate, costs, context))
         save(args.json, records)
-        for name, strategy, drafter_arg in methods(drafter, retrieval, costs, args.rasd_datastore):
+        for name, strategy, drafter_arg in methods(drafter, retrieval, costs):
             if args.methods and name not in args.methods:
                 continue
             by_category = measure_by_category(

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import jspec
@@ -315,3 +316,23 @@ def test_bench_on_smollm2_renders_chat_prompts_in_both_dtypes(tmp_path):
     assert records[0]["models"].startswith(CHAT_MODELS_NOTE) and "chat template" in records[0]["prompts"]
     assert set(records[1]["by_category"]) == {"writing", "qa"} and records[3]["rows"] == 2
     assert all(1 <= r["tau"] <= 3 and r["tokens_per_s"] > 0 for r in records)
+
+
+def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
+    from infer import retrieval_bench
+    from train import datastore as datastore_cli
+
+    lines = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([("rag", "a b a b a b"), ("qa", "x y")])]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    np.save(tmp_path / "corpus.npy", np.arange(200, dtype=np.int32) % 37)
+    datastore_cli.main(["--tokens", str(tmp_path / "corpus.npy"), "--out", str(tmp_path / "ds")])
+    records = retrieval_bench.main([
+        "--target", "target", "--json", str(tmp_path / "r.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"),
+        "--datastore", str(tmp_path / "ds"), "--max-new-tokens", "6", "--temperatures", "1",
+        "--methods", "pld-k4", "rest-n8",
+    ])  # fmt: skip
+    assert [(r["method"], r["temperature"]) for r in records] == [("ar", 1.0), ("pld-k4", 1.0), ("rest-n8", 1.0)]
+    assert json.loads((tmp_path / "r.json").read_text()) == records
+    for r in records:
+        assert set(r["by_category"]) == {"rag", "qa"} and r["tokens_per_s"] > 0 and r["target_passes"] > 0
+        assert 1 <= r["tau"] <= 9 and r["costs_ms"]["t_target_1"] > 0

@@ -14,7 +14,7 @@ from test_decode import SMALL, _exact_first3, _sample_codes
 
 import jspec
 from jspec.models import causal_mask, init_cache
-from jspec.rounds import TreeStrategy
+from jspec.rounds import SpeculativeStrategy, TreeStrategy
 from jspec.sampling import Sampling
 from jspec.verify.chain import CHAIN_VERIFIERS, verify_greedy, verify_sampling
 from jspec.verify.lossy import (
@@ -321,13 +321,20 @@ def test_every_default_and_named_strategy_is_lossless():
         assert not chain.lossy and chain.verify_rule is rule and chain.scoring(Sampling(0.5)) == Sampling(0.5)
     assert not inspect.signature(jspec.speculative_generate).parameters["strategy"].default.lossy
     # Every public strategy class, constructed with its defaults (SequoiaTree is built for a
-    # measured acceptance vector, RSD for a chosen variant: they have none).
-    public = {name for name in jspec.__all__ if isinstance(getattr(jspec, name), type) and hasattr(getattr(jspec, name), "draft")}
-    public |= {"Chain"}
+    # measured acceptance vector, RSD for a chosen variant, AdaptiveK for measured costs: they have none).
+    public = {
+        name
+        for name in jspec.__all__
+        if isinstance(getattr(jspec, name), type) and issubclass(getattr(jspec, name), SpeculativeStrategy)
+    }
     make = {name: getattr(jspec, name) for name in public}
     make["SequoiaTree"] = lambda: jspec.SequoiaTree((0.6, 0.2), size=8, max_depth=4)
     make["RSD"] = lambda: jspec.RSD(beam=2, depth=3)
-    assert public == {"Chain", "StaticTree", "SequoiaTree", "DynamicTree", "RSD", "MultiCandidate", "EagleTree"}
+    make["AdaptiveK"] = lambda: jspec.AdaptiveK.from_costs(1.0, (10.0, 11.0, 12.0, 13.0))
+    assert public == {
+        "Chain", "StaticTree", "SequoiaTree", "DynamicTree", "RSD", "MultiCandidate", "EagleTree",
+        "PromptLookup", "Rest", "RASD", "AdaptiveK",
+    }  # fmt: skip
     for name, build in make.items():
         strategy = build()
         assert not getattr(strategy, "lossy", False), name

@@ -127,6 +127,20 @@ def draft_eagle_tree(
     """Expand the candidate pool level by level (one drafter call per level below `depth`), then
     rerank it into a tree of `size` nodes (see the module docstring). Any drafter of
     `jspec.drafters`: a small language model, or an EAGLE head (`jspec.eagle`) as in the paper."""
+    return eagle_tree_and_root_logits(top_k, depth, size, drafter, state, last, sampling)[0]
+
+
+def eagle_tree_and_root_logits(
+    top_k: int,
+    depth: int,
+    size: int,
+    drafter,
+    state,
+    last: jax.Array,  # int32 [B]
+    sampling: Sampling,
+) -> tuple[DraftedTree, jax.Array]:
+    """`draft_eagle_tree`, and the drafter's raw logits `[B, V]` at the root (what a strategy that
+    adds nodes of its own, RASD, judges them by without another drafter call)."""
     b, k = last.shape[0], top_k
     if k > drafter.vocab_size:
         raise ValueError(f"top_k must be <= the drafter's vocabulary size {drafter.vocab_size}, got {k}")
@@ -180,7 +194,7 @@ def draft_eagle_tree(
     # A node scored at draft index i lies at drafter window slot i - 1 (the root: -1). Leaves are
     # only ever the last node of an accepted path, whose drafter entry is never committed.
     slot = jnp.where(node_scored >= 0, node_scored - 1, -1)
-    return DraftedTree(tree, tree_ancestor_mask(tree), draft_probs, draft.state, slot)
+    return DraftedTree(tree, tree_ancestor_mask(tree), draft_probs, draft.state, slot), draft.logits[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
