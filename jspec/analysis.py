@@ -14,6 +14,8 @@ drafts plus the one correction or bonus token, so 1 <= tau <= k + 1).
     best_k(alpha, cost_ratio, k_max)       the k maximising `speedup`
     best_k_from_costs(alpha, t_draft, t_target)  the same with t_target measured per tokens scored
     mbsu(tau, k, draft_w, target_w)        the memory-bound speedup (VocabTrim)
+    pearl_speedup(alpha, gamma, ...)       PEARL's speedup: drafter and target on their own devices
+    ssd_speedup(alpha, k, hit_rate, ...)   speculative speculative decoding's speedup from its hit rate
     tree_value(acceptance, parents)        Sequoia's F(T): tau of a token tree (jspec.methods.sequoia)
     best_tree_value(acceptance, size, d)   the largest F over trees of <= size nodes, depth <= d
 """
@@ -34,8 +36,10 @@ __all__ = [
     "expected_tau",
     "expected_tau_from_acceptance",
     "mbsu",
+    "pearl_speedup",
     "speedup",
     "speedup_from_costs",
+    "ssd_speedup",
     "tree_value",
 ]
 
@@ -198,6 +202,91 @@ def mbsu(tau: float, k: int, draft_weights: float, target_weights: float) -> flo
     n_draft = _real("draft_weights", draft_weights, low=0.0)
     n_target = _real("target_weights", target_weights, low=0.0, low_open=True)
     return tau / (1.0 + k * n_draft / n_target)
+
+
+# --- parallel drafting: drafter and target on their own devices ----------------------------------
+
+
+def _outcome_rewards(alpha: float, m: int) -> tuple[float, float]:
+    """For m i.i.d. drafts verified at rate alpha: (P(all m accepted), E[tokens emitted; not all
+    accepted]) with j accepted before the first rejection emitting j + 1 (the correction)."""
+    return alpha**m, sum((j + 1) * alpha**j * (1.0 - alpha) for j in range(m))
+
+
+def pearl_speedup(alpha: float, gamma: int, t_draft: float, t_target_gamma: float, t_target_1: float) -> float:
+    """Expected speedup over autoregressive decoding of PEARL (arXiv 2408.11850), the drafter and the
+    target each on a device of its own, drafts accepted i.i.d. at rate alpha.
+
+    A step runs both devices at once and costs the longer of the two: gamma drafter steps
+    (gamma * t_draft) and one target pass. PEARL alternates two kinds of step:
+
+    - draft (pre-verify): the drafter drafts x1..x_gamma while the target scores 1 token and
+      verifies x1. Rejected (1 - alpha): the correction is emitted, draft again. Accepted: x1 is
+      emitted and the next step verifies x2..x_gamma. Cost max(gamma t_draft, t_target(1)).
+    - verify (post-verify): the target scores gamma tokens, verifying the m pending drafts (gamma - 1
+      after a draft step, gamma after a verify step), while the drafter drafts gamma more past them.
+      A rejection after j accepts emits j + 1 tokens and discards the new drafts (back to a draft
+      step); all m accepted emits m and the next step verifies the gamma new drafts (the target's
+      distribution past the last draft checks the first of them). Cost max(gamma t_draft, t_target(gamma)).
+
+    The speedup is the stationary chain's tokens per second over autoregressive decoding's
+    1 / t_target(1). gamma >= 1 (PEARL takes gamma = t_target / t_draft, so neither device waits);
+    costs in seconds (any common unit): t_draft >= 0, t_target_gamma and t_target_1 > 0.
+    """
+    alpha = _real("alpha", alpha, low=0.0, high=1.0)
+    gamma = _int("gamma", gamma, 1)
+    t_draft = _real("t_draft", t_draft, low=0.0)
+    t_target_gamma = _real("t_target_gamma", t_target_gamma, low=0.0, low_open=True)
+    t_target_1 = _real("t_target_1", t_target_1, low=0.0, low_open=True)
+    # Three states: D (draft step), V1 (verify gamma - 1 pending), V (verify gamma pending).
+    all1, partial1 = _outcome_rewards(alpha, gamma - 1)
+    all_v, partial_v = _outcome_rewards(alpha, gamma)
+    transition = np.array(
+        [
+            [1.0 - alpha, alpha, 0.0],
+            [1.0 - all1, 0.0, all1],
+            [1.0 - all_v, 0.0, all_v],
+        ]
+    )
+    reward = np.array([1.0, partial1 + (gamma - 1) * all1, partial_v + gamma * all_v])
+    cost = np.array([max(gamma * t_draft, t_target_1)] + [max(gamma * t_draft, t_target_gamma)] * 2)
+    # Stationary distribution: pi (T - I) = 0, sum(pi) = 1 (alpha = 1 never leaves V: pi = e_V).
+    if alpha == 1.0:
+        pi = np.array([0.0, 0.0, 1.0])
+    else:
+        system = np.vstack([(transition - np.eye(3)).T, np.ones(3)])
+        pi = np.linalg.lstsq(system, np.array([0.0, 0.0, 0.0, 1.0]), rcond=None)[0]
+    return float(pi @ reward * t_target_1 / (pi @ cost))
+
+
+def ssd_speedup(
+    alpha: float,
+    k: int,
+    hit_rate: float,
+    t_draft: float,
+    t_target_n: float,
+    t_target_1: float,
+    t_predraft: float = 0.0,
+) -> float:
+    """Expected speedup over autoregressive decoding of speculative speculative decoding (arXiv
+    2603.03251): a chain of k drafts verified as usual (tau = expected_tau(alpha, k)) while the
+    drafter, on its own device, pre-drafts the next round for the likeliest verification outcomes.
+    A hit (probability hit_rate) starts the next round at verification; a miss drafts it first.
+
+        speedup = tau * t_target_1 / (max(t_target_n, t_predraft) + (1 - hit_rate) * k * t_draft)
+
+    t_target_n: one target pass over the k + 1 tokens; t_predraft: the drafter's pre-drafting during
+    it (both devices work at once: the longer one sets the step); t_draft: seconds per drafter step.
+    hit_rate in [0, 1]; alpha in [0, 1]; k >= 1. hit_rate 0 with t_predraft 0 is sequential
+    speculative decoding (`speedup_from_costs`).
+    """
+    tau = expected_tau(alpha, k)
+    hit_rate = _real("hit_rate", hit_rate, low=0.0, high=1.0)
+    t_draft = _real("t_draft", t_draft, low=0.0)
+    t_target_n = _real("t_target_n", t_target_n, low=0.0, low_open=True)
+    t_target_1 = _real("t_target_1", t_target_1, low=0.0, low_open=True)
+    t_predraft = _real("t_predraft", t_predraft, low=0.0)
+    return tau * t_target_1 / (max(t_target_n, t_predraft) + (1.0 - hit_rate) * k * t_draft)
 
 
 # --- trees (Sequoia): thin wrappers, the DP lives in jspec.methods.sequoia ------------------------------

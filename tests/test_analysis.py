@@ -307,6 +307,14 @@ def test_a_chain_tree_is_expected_tau():
         (lambda: analysis.tree_value((0.5,), [-1, 0, 0, 1, 0]), "parents"),  # not breadth-first
         (lambda: analysis.best_tree_value((0.5,), 0, 2), "size"),
         (lambda: analysis.best_tree_value((0.5,), 3, -1), "max_depth"),
+        (lambda: analysis.pearl_speedup(1.2, 4, 1.0, 4.0, 4.0), "alpha"),
+        (lambda: analysis.pearl_speedup(0.5, 0, 1.0, 4.0, 4.0), "gamma"),
+        (lambda: analysis.pearl_speedup(0.5, 4, -1.0, 4.0, 4.0), "t_draft"),
+        (lambda: analysis.pearl_speedup(0.5, 4, 1.0, 0.0, 4.0), "t_target_gamma"),
+        (lambda: analysis.pearl_speedup(0.5, 4, 1.0, 4.0, float("nan")), "t_target_1"),
+        (lambda: analysis.ssd_speedup(0.5, 4, -0.1, 1.0, 4.0, 4.0), "hit_rate"),
+        (lambda: analysis.ssd_speedup(0.5, 4, 0.5, 1.0, 4.0, 4.0, t_predraft=-1.0), "t_predraft"),
+        (lambda: analysis.ssd_speedup(0.5, 0, 0.5, 1.0, 4.0, 4.0), "k"),
     ],
 )
 def test_bad_arguments_raise_naming_them(call, name):
@@ -325,3 +333,78 @@ def test_best_k_from_costs_is_best_k_when_the_target_pass_cost_is_flat():
     for bad in ([1.0], [1.0, 0.0], "ab"):
         with pytest.raises(ValueError, match="t_target"):
             best_k_from_costs(0.5, 0.1, bad)
+
+
+# --- parallel drafting ------------------------------------------------------------------------
+
+
+def simulate_pearl(alpha, gamma, t_draft, t_target_gamma, t_target_1, batches: int, steps: int, seed: int) -> np.ndarray:
+    """Speedup over autoregressive decoding of `batches` PEARL runs of `steps` steps each, played
+    out draft by draft: a pre-verify step verifies x1 while the drafter drafts gamma tokens; a verify
+    step checks the pending drafts while the drafter drafts gamma more past them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        tokens, seconds, verifying, pending = 0, 0.0, False, 0
+        for _ in range(steps):
+            if not verifying:
+                seconds += max(gamma * t_draft, t_target_1)
+                tokens += 1  # x1 if accepted, else the correction
+                verifying, pending = rng.random() < alpha, gamma - 1
+                continue
+            seconds += max(gamma * t_draft, t_target_gamma)
+            accepted = 0
+            while accepted < pending and rng.random() < alpha:
+                accepted += 1
+            if accepted == pending:
+                tokens, pending = tokens + pending, gamma
+            else:
+                tokens, verifying = tokens + accepted + 1, False
+        out.append(tokens * t_target_1 / seconds)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize(
+    "alpha, gamma, t_draft, t_target_gamma, t_target_1",
+    [(0.8, 4, 1.0, 4.5, 4.0), (0.5, 3, 2.0, 5.0, 5.0), (0.95, 6, 0.5, 2.0, 2.0), (0.3, 2, 1.0, 1.0, 1.0)],
+)
+def test_pearl_speedup_matches_a_step_by_step_simulation(alpha, gamma, t_draft, t_target_gamma, t_target_1):
+    simulated = simulate_pearl(alpha, gamma, t_draft, t_target_gamma, t_target_1, batches=200, steps=1000, seed=gamma)
+    assert within(simulated, analysis.pearl_speedup(alpha, gamma, t_draft, t_target_gamma, t_target_1))
+    # The negative control: the same runs reject a slightly different acceptance rate.
+    assert not within(simulated, analysis.pearl_speedup(alpha - 0.03, gamma, t_draft, t_target_gamma, t_target_1))
+
+
+def test_pearl_speedup_at_the_edges():
+    # Nothing accepted: every step a pre-verify emitting one token; all accepted: gamma per verify step.
+    assert analysis.pearl_speedup(0.0, 4, 1.0, 6.0, 4.0) == pytest.approx(1.0)
+    assert analysis.pearl_speedup(0.0, 4, 2.0, 6.0, 4.0) == pytest.approx(4.0 / 8.0)
+    assert analysis.pearl_speedup(1.0, 4, 1.0, 6.0, 4.0) == pytest.approx(4 * 4.0 / 6.0)
+    # With the drafter's gamma steps as long as a target pass, PEARL beats the sequential chain of gamma drafts.
+    for alpha in (0.5, 0.8, 0.95):
+        sequential = analysis.speedup_from_costs(analysis.expected_tau(alpha, 4), 4 * 1.0, 4.0, 4.0)
+        assert analysis.pearl_speedup(alpha, 4, 1.0, 4.0, 4.0) > sequential
+
+
+def simulate_ssd(alpha, k, hit_rate, t_draft, t_target_n, t_target_1, t_predraft, batches: int, rounds: int, seed: int):
+    """Speedup of `batches` runs of `rounds` SSD rounds: a hit skips drafting, a miss drafts k first."""
+    rng = np.random.default_rng(seed)
+    emitted = simulate_chain([alpha] * k, batches * rounds, seed).reshape(batches, rounds)
+    miss = rng.random((batches, rounds)) >= hit_rate
+    seconds = max(t_target_n, t_predraft) + miss * k * t_draft
+    return emitted.sum(axis=1) * t_target_1 / seconds.sum(axis=1)
+
+
+@pytest.mark.parametrize("alpha, k, hit_rate, t_predraft", [(0.8, 4, 0.6, 0.0), (0.6, 3, 0.3, 6.0), (0.9, 6, 0.9, 2.0)])
+def test_ssd_speedup_matches_simulation(alpha, k, hit_rate, t_predraft):
+    costs = dict(t_draft=1.0, t_target_n=5.0, t_target_1=4.0, t_predraft=t_predraft)
+    simulated = simulate_ssd(alpha, k, hit_rate, **costs, batches=200, rounds=1000, seed=k)
+    assert within(simulated, analysis.ssd_speedup(alpha, k, hit_rate, **costs))
+    assert not within(simulated, analysis.ssd_speedup(alpha, k, hit_rate - 0.05, **costs))
+
+
+def test_ssd_without_hits_is_sequential_speculative_decoding():
+    for alpha, k in ((0.5, 2), (0.8, 5)):
+        sequential = analysis.speedup_from_costs(analysis.expected_tau(alpha, k), k * 1.5, 6.0, 4.0)
+        assert analysis.ssd_speedup(alpha, k, 0.0, 1.5, 6.0, 4.0) == pytest.approx(sequential)
+        assert analysis.ssd_speedup(alpha, k, 1.0, 1.5, 6.0, 4.0) == pytest.approx(analysis.expected_tau(alpha, k) * 4.0 / 6.0)

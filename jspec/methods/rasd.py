@@ -40,7 +40,7 @@ from jspec.retrieval.lookup import (
     tail_tokens,
 )
 from jspec.retrieval.trie import fuse_trees, trie_from_sequences
-from jspec.rounds import TreeStrategy
+from jspec.rounds import TreeStrategy, prefix_sizes
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import tree_ancestor_mask, tree_from_parents
 from jspec.validation import check_int
@@ -95,6 +95,12 @@ class RASD(LookupRounds, TreeStrategy):
     @property
     def max_depth(self) -> int:
         return max(self.depth, self.retrieval_depth)
+
+    @property
+    def score_sizes(self) -> tuple[int, ...]:
+        """Retrieved nodes are appended after the drafter's tree (the unused tail invalid): a round
+        that retrieved little scores only the prefix holding its valid nodes."""
+        return prefix_sizes(self.fused_size)
 
     @property
     def tokens_scored(self) -> int:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jspec.retrieval.datastore import retrieve
 from jspec.retrieval.lookup import LookupDrafter, LookupRounds, LookupState, as_lookup_drafter
-from jspec.rounds import TreeStrategy
+from jspec.rounds import TreeStrategy, prefix_sizes
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import tree_ancestor_mask
 from jspec.validation import check_int
@@ -54,6 +54,11 @@ class Rest(LookupRounds, TreeStrategy):
     @property
     def max_depth(self) -> int:
         return self.depth
+
+    @property
+    def score_sizes(self) -> tuple[int, ...]:
+        """A round whose retrieval found few nodes scores only the prefix holding them."""
+        return prefix_sizes(self.size)
 
     def lookup_drafter(self, target, drafter) -> LookupDrafter:
         drafter = as_lookup_drafter(target, drafter, (1,))
