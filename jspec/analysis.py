@@ -250,12 +250,9 @@ def pearl_speedup(alpha: float, gamma: int, t_draft: float, t_target_gamma: floa
     )
     reward = np.array([1.0, partial1 + (gamma - 1) * all1, partial_v + gamma * all_v])
     cost = np.array([max(gamma * t_draft, t_target_1)] + [max(gamma * t_draft, t_target_gamma)] * 2)
-    # Stationary distribution: pi (T - I) = 0, sum(pi) = 1 (alpha = 1 never leaves V: pi = e_V).
-    if alpha == 1.0:
-        pi = np.array([0.0, 0.0, 1.0])
-    else:
-        system = np.vstack([(transition - np.eye(3)).T, np.ones(3)])
-        pi = np.linalg.lstsq(system, np.array([0.0, 0.0, 0.0, 1.0]), rcond=None)[0]
+    # Stationary distribution: pi (T - I) = 0, sum(pi) = 1 (unique: one recurrent class for every alpha).
+    system = np.vstack([(transition - np.eye(3)).T, np.ones(3)])
+    pi = np.linalg.lstsq(system, np.array([0.0, 0.0, 0.0, 1.0]), rcond=None)[0]
     return float(pi @ reward * t_target_1 / (pi @ cost))
 
 

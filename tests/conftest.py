@@ -33,6 +33,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=False)
 
 
+# Prompts for the retrieval strategies' greedy tests, ragged: rows that repeat themselves (a lookup
+# finds what comes next) and rows that do not.
+_rng = np.random.default_rng(0)
+_base = _rng.integers(0, 64, (3, 6))
+REPEATING_PROMPTS = np.concatenate([_base, _base, _base[:, :3]], 1).astype(np.int32)
+PLAIN_PROMPTS = _rng.integers(0, 64, (3, 15)).astype(np.int32)
+RAGGED_LENGTHS = np.array([15, 9, 12], np.int32)
+
+
 def random_model(config: ModelConfig, seed: int, scale: float = 5.0) -> Transformer:
     """A random model whose matrices are `scale` times their initial size."""
     graph, state = nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))

@@ -10,13 +10,7 @@ from test_decode import first3_pvalue, unrelated_small_pair
 import jspec
 from jspec.methods.early_stop import ConfidenceStop
 
-from conftest import TINY, perturbed, random_model
-
-RNG = np.random.default_rng(0)
-BASE = RNG.integers(0, 64, (3, 6))
-REPEATS = np.concatenate([BASE, BASE, BASE[:, :3]], 1).astype(np.int32)  # each row repeats itself
-PLAIN = RNG.integers(0, 64, (3, 15)).astype(np.int32)
-LENGTHS = np.array([15, 9, 12], np.int32)
+from conftest import PLAIN_PROMPTS, RAGGED_LENGTHS, REPEATING_PROMPTS, TINY, perturbed, random_model
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +18,16 @@ def target():
     return random_model(TINY, seed=0)
 
 
-@pytest.mark.parametrize("prompts", [REPEATS, PLAIN], ids=["repeats", "no-repeats"])
+@pytest.mark.parametrize("prompts", [REPEATING_PROMPTS, PLAIN_PROMPTS], ids=["repeats", "no-repeats"])
 @pytest.mark.parametrize("with_model", [False, True], ids=["no-model", "model-fallback"])
 def test_greedy_output_equals_the_target_s(target, prompts, with_model):
     drafter = perturbed(target, 0.3, 1) if with_model else None
-    expected = jspec.generate(target, prompts, prompt_lengths=LENGTHS, max_new_tokens=24)
+    expected = jspec.generate(target, prompts, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24)
     out = jspec.speculative_generate(
-        target, drafter, prompts, prompt_lengths=LENGTHS, max_new_tokens=24, strategy=jspec.PromptLookup(k=4)
+        target, drafter, prompts, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24, strategy=jspec.PromptLookup(k=4)
     )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
-    if prompts is REPEATS:  # the greedy target continues the repeated pattern: lookups are accepted
+    if prompts is REPEATING_PROMPTS:  # the greedy target continues the repeated pattern: lookups are accepted
         assert float(out.stats.mean_accepted) > 1.3
 
 
@@ -41,13 +35,13 @@ def test_the_model_drafts_where_the_lookup_finds_nothing(target):
     """Without repeats the lookup rarely proposes; with a close model to fall back on (and no stop),
     the model's drafts are accepted instead."""
     alone = jspec.speculative_generate(
-        target, None, PLAIN, prompt_lengths=LENGTHS, max_new_tokens=24, strategy=jspec.PromptLookup(k=4)
+        target, None, PLAIN_PROMPTS, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24, strategy=jspec.PromptLookup(k=4)
     )
     with_model = jspec.speculative_generate(
         target,
         perturbed(target, 0.3, 1),
-        PLAIN,
-        prompt_lengths=LENGTHS,
+        PLAIN_PROMPTS,
+        prompt_lengths=RAGGED_LENGTHS,
         max_new_tokens=24,
         strategy=jspec.PromptLookup(k=4, stop=None),
     )
@@ -56,7 +50,7 @@ def test_the_model_drafts_where_the_lookup_finds_nothing(target):
 
 def test_a_strategy_that_needs_a_drafter_refuses_none(target):
     with pytest.raises(ValueError, match="drafter is None"):
-        jspec.speculative_generate(target, None, PLAIN, max_new_tokens=4, strategy=jspec.Chain(k=2))
+        jspec.speculative_generate(target, None, PLAIN_PROMPTS, max_new_tokens=4, strategy=jspec.Chain(k=2))
 
 
 def test_arguments_are_checked():

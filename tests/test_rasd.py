@@ -16,13 +16,7 @@ import jspec
 from jspec.retrieval import Retrieval, build_datastore
 from jspec.retrieval.trie import fuse_trees, trie_from_sequences
 
-from conftest import TINY, perturbed, random_model
-
-RNG = np.random.default_rng(0)
-BASE = RNG.integers(0, 64, (3, 6))
-REPEATS = np.concatenate([BASE, BASE, BASE[:, :3]], 1).astype(np.int32)
-PLAIN = RNG.integers(0, 64, (3, 15)).astype(np.int32)
-LENGTHS = np.array([15, 9, 12], np.int32)
+from conftest import PLAIN_PROMPTS, RAGGED_LENGTHS, REPEATING_PROMPTS, TINY, perturbed, random_model
 
 
 def paths(tokens, parent, valid) -> dict[int, tuple[int, ...]]:
@@ -89,23 +83,25 @@ def target():
     return random_model(TINY, seed=0)
 
 
-@pytest.mark.parametrize("prompts", [REPEATS, PLAIN], ids=["repeats", "no-repeats"])
+@pytest.mark.parametrize("prompts", [REPEATING_PROMPTS, PLAIN_PROMPTS], ids=["repeats", "no-repeats"])
 @pytest.mark.parametrize("with_datastore", [False, True], ids=["prompt-only", "datastore"])
 def test_greedy_output_equals_the_target_s(target, prompts, with_datastore):
-    expected = jspec.generate(target, prompts, prompt_lengths=LENGTHS, max_new_tokens=24)
+    expected = jspec.generate(target, prompts, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24)
     drafter = perturbed(target, 0.3, 1)
     if with_datastore:
-        docs = [np.concatenate([prompts[i, : LENGTHS[i]], np.asarray(expected.tokens[i])]) for i in range(3)]
+        docs = [np.concatenate([prompts[i, : RAGGED_LENGTHS[i]], np.asarray(expected.tokens[i])]) for i in range(3)]
         drafter = Retrieval(jax.device_put(build_datastore(docs)), drafter)
     strategy = jspec.RASD(use_datastore=with_datastore)
-    out = jspec.speculative_generate(target, drafter, prompts, prompt_lengths=LENGTHS, max_new_tokens=24, strategy=strategy)
+    out = jspec.speculative_generate(
+        target, drafter, prompts, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24, strategy=strategy
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
-    if prompts is REPEATS or with_datastore:  # retrieval finds what the target says next
+    if prompts is REPEATING_PROMPTS or with_datastore:  # retrieval finds what the target says next
         model_only = jspec.speculative_generate(
             target,
             perturbed(target, 0.3, 1),
             prompts,
-            prompt_lengths=LENGTHS,
+            prompt_lengths=RAGGED_LENGTHS,
             max_new_tokens=24,
             strategy=jspec.EagleTree(2, 2, 5),
         )
@@ -114,9 +110,9 @@ def test_greedy_output_equals_the_target_s(target, prompts, with_datastore):
 
 def test_rasd_refuses_what_it_cannot_run(target):
     with pytest.raises(ValueError, match="drafter is None"):
-        jspec.speculative_generate(target, None, PLAIN, max_new_tokens=4, strategy=jspec.RASD())
+        jspec.speculative_generate(target, None, PLAIN_PROMPTS, max_new_tokens=4, strategy=jspec.RASD())
     with pytest.raises(ValueError, match="needs a datastore"):
-        jspec.speculative_generate(target, target, PLAIN, max_new_tokens=4, strategy=jspec.RASD(use_datastore=True))
+        jspec.speculative_generate(target, target, PLAIN_PROMPTS, max_new_tokens=4, strategy=jspec.RASD(use_datastore=True))
     with pytest.raises(ValueError, match="min_prob"):
         jspec.RASD(min_prob=2.0)
 

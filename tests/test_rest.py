@@ -11,13 +11,9 @@ from test_decode import first3_pvalue, unrelated_small_pair
 import jspec
 from jspec.retrieval import Retrieval, build_datastore
 
-from conftest import TINY, random_model
+from conftest import PLAIN_PROMPTS, RAGGED_LENGTHS, REPEATING_PROMPTS, TINY, random_model
 
-RNG = np.random.default_rng(0)
-BASE = RNG.integers(0, 64, (3, 6))
-REPEATS = np.concatenate([BASE, BASE, BASE[:, :3]], 1).astype(np.int32)
-PLAIN = RNG.integers(0, 64, (3, 15)).astype(np.int32)
-LENGTHS = np.array([15, 9, 12], np.int32)
+CORPUS_RNG = np.random.default_rng(1)  # the random documents of the datastores
 
 
 @pytest.fixture(scope="module")
@@ -28,33 +24,38 @@ def target():
 def corpus_for(target, prompts):
     """Random documents plus the target's own greedy continuations of the prompts (so the
     datastore knows what the target will say next, as a datastore of in-domain text does)."""
-    out = jspec.generate(target, prompts, prompt_lengths=LENGTHS, max_new_tokens=24)
-    docs = [np.concatenate([prompts[i, : LENGTHS[i]], np.asarray(out.tokens[i])]) for i in range(3)]
-    return jax.device_put(build_datastore(docs + [RNG.integers(0, 64, 300) for _ in range(4)])), out
+    out = jspec.generate(target, prompts, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=24)
+    docs = [np.concatenate([prompts[i, : RAGGED_LENGTHS[i]], np.asarray(out.tokens[i])]) for i in range(3)]
+    return jax.device_put(build_datastore(docs + [CORPUS_RNG.integers(0, 64, 300) for _ in range(4)])), out
 
 
-@pytest.mark.parametrize("prompts", [REPEATS, PLAIN], ids=["repeats", "no-repeats"])
+@pytest.mark.parametrize("prompts", [REPEATING_PROMPTS, PLAIN_PROMPTS], ids=["repeats", "no-repeats"])
 def test_greedy_output_equals_the_target_s(target, prompts):
     datastore, expected = corpus_for(target, prompts)
     out = jspec.speculative_generate(
-        target, Retrieval(datastore), prompts, prompt_lengths=LENGTHS, max_new_tokens=24, strategy=jspec.Rest(size=8, depth=3)
+        target,
+        Retrieval(datastore),
+        prompts,
+        prompt_lengths=RAGGED_LENGTHS,
+        max_new_tokens=24,
+        strategy=jspec.Rest(size=8, depth=3),
     )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     assert float(out.stats.mean_accepted) > 2.0  # the continuations are in the datastore
 
 
 def test_greedy_output_is_exact_when_the_datastore_knows_nothing(target):
-    datastore = jax.device_put(build_datastore([RNG.integers(0, 64, 300)]))
-    expected = jspec.generate(target, PLAIN, prompt_lengths=LENGTHS, max_new_tokens=16)
+    datastore = jax.device_put(build_datastore([CORPUS_RNG.integers(0, 64, 300)]))
+    expected = jspec.generate(target, PLAIN_PROMPTS, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=16)
     out = jspec.speculative_generate(
-        target, Retrieval(datastore), PLAIN, prompt_lengths=LENGTHS, max_new_tokens=16, strategy=jspec.Rest()
+        target, Retrieval(datastore), PLAIN_PROMPTS, prompt_lengths=RAGGED_LENGTHS, max_new_tokens=16, strategy=jspec.Rest()
     )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
 
 
 def test_rest_needs_a_datastore(target):
     with pytest.raises(ValueError, match="needs a datastore"):
-        jspec.speculative_generate(target, None, PLAIN, max_new_tokens=4, strategy=jspec.Rest())
+        jspec.speculative_generate(target, None, PLAIN_PROMPTS, max_new_tokens=4, strategy=jspec.Rest())
     with pytest.raises(ValueError, match="size must be"):
         jspec.Rest(size=1)
 

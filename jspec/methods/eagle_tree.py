@@ -123,24 +123,12 @@ def draft_eagle_tree(
     state,
     last: jax.Array,  # int32 [B]
     sampling: Sampling,
-) -> DraftedTree:
+) -> tuple[DraftedTree, jax.Array]:
     """Expand the candidate pool level by level (one drafter call per level below `depth`), then
     rerank it into a tree of `size` nodes (see the module docstring). Any drafter of
-    `jspec.drafters`: a small language model, or an EAGLE head (`jspec.eagle`) as in the paper."""
-    return eagle_tree_and_root_logits(top_k, depth, size, drafter, state, last, sampling)[0]
-
-
-def eagle_tree_and_root_logits(
-    top_k: int,
-    depth: int,
-    size: int,
-    drafter,
-    state,
-    last: jax.Array,  # int32 [B]
-    sampling: Sampling,
-) -> tuple[DraftedTree, jax.Array]:
-    """`draft_eagle_tree`, and the drafter's raw logits `[B, V]` at the root (what a strategy that
-    adds nodes of its own, RASD, judges them by without another drafter call)."""
+    `jspec.drafters`: a small language model, or an EAGLE head (`jspec.eagle`) as in the paper.
+    Returns the tree and the drafter's raw logits `[B, V]` at the root (what a strategy that adds
+    nodes of its own, RASD, judges them by without another drafter call)."""
     b, k = last.shape[0], top_k
     if k > drafter.vocab_size:
         raise ValueError(f"top_k must be <= the drafter's vocabulary size {drafter.vocab_size}, got {k}")
@@ -234,4 +222,4 @@ class EagleTree(TreeStrategy):
 
     def draft(self, drafter, state, last, sampling, key) -> DraftedTree:
         del key  # nothing is sampled
-        return draft_eagle_tree(self.top_k, self.depth, self.size, drafter, state, last, sampling)
+        return draft_eagle_tree(self.top_k, self.depth, self.size, drafter, state, last, sampling)[0]

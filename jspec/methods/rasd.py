@@ -26,7 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jspec.methods.eagle_tree import eagle_tree_and_root_logits, scored_size
+from jspec.methods.eagle_tree import draft_eagle_tree, scored_size
 from jspec.methods.rest import require_datastore
 from jspec.retrieval.datastore import retrieve
 from jspec.retrieval.lookup import (
@@ -138,7 +138,7 @@ class RASD(LookupRounds, TreeStrategy):
         inner = drafter.inner
         state = dataclasses.replace(state, root=last.astype(jnp.int32))
         history, end = state.sequence()
-        model, root_logits = eagle_tree_and_root_logits(self.top_k, self.depth, self.size, inner, state.inner, last, sampling)
+        model, root_logits = draft_eagle_tree(self.top_k, self.depth, self.size, inner, state.inner, last, sampling)
         b = last.shape[0]
         tokens, parent, valid = model.tree.tokens, model.tree.parent, model.tree.valid
         # Pruning: the drafter's temperature-1 probability of each first retrieved token, at the root.
