@@ -194,10 +194,13 @@ def load_checkpoint(path: str, dtype: str | None = None) -> Transformer:
     return model if dtype is None or dtype == model.config.param_dtype else jspec.models.cast(model, dtype)
 
 
-def loaded_models(target_path: str, drafter_path: str, dtype: str | None = None) -> tuple[Transformer, Transformer, str]:
-    """(target, drafter, description) from two checkpoints or demo names."""
+def loaded_models(
+    target_path: str, drafter_path: str, dtype: str | None = None, drafter_dtype: str | None = None
+) -> tuple[Transformer, Transformer, str]:
+    """(target, drafter, description) from two checkpoints or demo names; the drafter in
+    `drafter_dtype` (default: `dtype`)."""
     target = load_checkpoint(target_path, dtype)
-    drafter = load_drafter(drafter_path, target, dtype)
+    drafter = load_drafter(drafter_path, target, drafter_dtype or dtype)
     if target_path == demo.SMOLLM2 and drafter_path == demo.SMOLLM2_DRAFTER:
         first = CHAT_MODELS_NOTE
     elif target_path in demo.CODE_MODELS and drafter_path in demo.CODE_MODELS:
@@ -241,6 +244,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="parameter and activation dtype of both models (default: their own, float32 for the demo models)",
     )
+    parser.add_argument(
+        "--drafter-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="the drafter's dtype, if not --dtype's (on CPU a small drafter's one-token pass is faster in "
+        "float32, a target's multi-token pass in bfloat16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random models, prompts and sampling (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row, code prompts (default: 64)")
@@ -282,7 +292,9 @@ def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error("--preset (random-init models) and --target/--drafter exclude each other")
         target, drafter, description = random_models(args.seed, args.preset)
         if args.dtype is not None:
-            target, drafter = jspec.models.cast(target, args.dtype), jspec.models.cast(drafter, args.dtype)
+            target = jspec.models.cast(target, args.dtype)
+        if (args.drafter_dtype or args.dtype) is not None:
+            drafter = jspec.models.cast(drafter, args.drafter_dtype or args.dtype)
         return target, drafter, description
     drafter = args.drafter or DEMO_DRAFTER.get(args.target)
     if drafter is None:
@@ -292,7 +304,7 @@ def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for flag, value in (("--target", args.target), ("--drafter", drafter)):
         if value not in demo.MODELS and not os.path.exists(value):
             parser.error(f"{flag} {value!r} is neither a demo model ({', '.join(demo.MODELS)}) nor an existing path")
-    return loaded_models(args.target, drafter, args.dtype)
+    return loaded_models(args.target, drafter, args.dtype, args.drafter_dtype)
 
 
 def prompts_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, vocab_size: int) -> tuple[jax.Array, str]:

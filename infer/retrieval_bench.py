@@ -18,15 +18,24 @@ Each prompt is decoded once untimed (compiling its shape) and timed --repeats ti
 a method's tokens/s is all its tokens over the sum of those medians. tau: emitted tokens per target
 pass; target passes per prompt (rounds) show the rounds an adaptive method saves or spends. Speedup
 is against AR at the same temperature, in the same run.
+
+Both are reported end to end (the prompt's prefill included, as a user waits for it) and for the
+decoding alone: the target's prefill of each prompt, timed on its own (median of --repeats after a
+compiling call), is subtracted from every method's time. On a CPU a long prompt's prefill costs as
+much as dozens of decoding steps and is the same for every method, so it dilutes every speedup;
+the drafter's own prefill stays in a speculative method's decoding time.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import time
 
 import jax
+from flax import nnx
 
 import jspec
 from infer.bench import (
@@ -39,7 +48,7 @@ from infer.bench import (
 )
 from infer.models import add_model_arguments, models_from_args
 from infer.timing import forward_seconds
-from jspec.decode import bucket_size
+from jspec.decode import bucket_size, prefill
 from jspec.retrieval import Retrieval, load_datastore
 
 
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("costs (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in costs.items()))
     context = {"target": description, "machine": machine(), "prompts": prompts_description, "max_new_tokens": args.max_new_tokens}
     records = []
+    prefills = None
     started = time.time()
     for temperature in args.temperatures:
         sampling = jspec.Sampling(temperature=temperature)
@@ -109,7 +119,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         ar_total = total(ar)
         ar_rate = ar_total.tokens / ar_total.seconds
-        records.append(record("ar", temperature, ar, None, ar_rate, costs, context))
+        if prefills is None:
+            prefills = prefill_seconds(target, batches, args.max_new_tokens, args.repeats)
+            print("prefill (s, by category): " + ", ".join(f"{c} {t:.2f}" for c, t in prefills.items()))
+        records.append(record("ar", temperature, ar, None, ar_rate, costs, context, prefills))
         save(args.json, records)
         for name, strategy, drafter_arg in methods(drafter, retrieval, costs):
             if args.methods and name not in args.methods:
@@ -121,12 +134,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 batches,
                 args.repeats,
             )
-            records.append(record(name, temperature, by_category, ar, ar_rate, costs, {**context, "strategy": repr(strategy)}))
+            context_ = {**context, "strategy": repr(strategy)}
+            records.append(record(name, temperature, by_category, ar, ar_rate, costs, context_, prefills))
             save(args.json, records)
             jax.clear_caches()
     print(f"total {time.time() - started:.0f} s")
     print(category_table(records))
+    print("decoding alone (prefill excluded):")
+    print(category_table(records, "decode_speedup_vs_ar"))
     return records
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "cache_size"))
+def _prefill(graph, state, prompts: jax.Array, lengths: jax.Array, cache_size: int):
+    return prefill(nnx.merge(graph, state), prompts, lengths, cache_size)
+
+
+def prefill_seconds(target, batches, max_new_tokens: int, repeats: int) -> dict[str, float]:
+    """Seconds the target's prefill of each category's prompts takes (the sum over its batches of
+    the median of `repeats` timed calls after a compiling one), in the cache shape AR decodes with."""
+    graph, state = nnx.split(target)
+    out: dict[str, float] = {}
+    for batch in batches:
+        width = bucket_size(batch.prompts.shape[1])
+        prompts = jax.numpy.pad(batch.prompts, ((0, 0), (0, width - batch.prompts.shape[1])))
+        call = lambda: _prefill(graph, state, prompts, batch.lengths, width + bucket_size(max_new_tokens) + 1)  # noqa: E731
+        jax.block_until_ready(call())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - start)
+        out[batch.category] = out.get(batch.category, 0.0) + statistics.median(times)
+    return out
 
 
 def save(path: str, records: list[dict]) -> None:
@@ -143,18 +183,39 @@ def target_eos(args):
     return None if chat is None else chat.eos_id
 
 
-def record(name, temperature, by_category, ar, ar_rate, costs, context) -> dict:
+def decode_rate(by_category: dict, prefills: dict[str, float]) -> float | None:
+    """Tokens per second of decoding alone: each category's prefill seconds subtracted (None where
+    that leaves no time, as it can for a few tokens of a tiny model)."""
+    seconds = sum(m.seconds - prefills[c] for c, m in by_category.items())
+    return sum(m.tokens for m in by_category.values()) / seconds if seconds > 0 else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def record(name, temperature, by_category, ar, ar_rate, costs, context, prefills: dict[str, float]) -> dict:
+    """One method's record: end to end and, with each category's prefill seconds subtracted, for
+    the decoding alone (`decode_*`), overall and by category."""
     measured = total(by_category)
     rate = measured.tokens / measured.seconds
+    ar = ar or by_category
+    categories = category_records(by_category, ar, ar is by_category)
+    for c in by_category:
+        decode = decode_rate({c: by_category[c]}, prefills)
+        speedup = ratio(decode, decode_rate({c: ar[c]}, prefills))
+        categories[c].update(decode_tokens_per_s=decode, decode_speedup_vs_ar=speedup, prefill_s=prefills[c])
     return {
         "method": name,
         "temperature": temperature,
-        "tau": 1.0 if ar is None else measured.tau,
+        "tau": 1.0 if ar is by_category else measured.tau,
         "tokens_per_s": rate,
         "speedup_vs_ar": rate / ar_rate,
+        "decode_tokens_per_s": decode_rate(by_category, prefills),
+        "decode_speedup_vs_ar": ratio(decode_rate(by_category, prefills), decode_rate(ar, prefills)),
         "target_passes": measured.passes / measured.rows,
         "tokens_per_row": measured.tokens / measured.rows,
-        "by_category": category_records(by_category, ar, ar is None),
+        "by_category": categories,
         "costs_ms": {k: v * 1e3 for k, v in costs.items()},
         **context,
     }
@@ -163,17 +224,23 @@ def record(name, temperature, by_category, ar, ar_rate, costs, context) -> dict:
 def print_row(r: dict) -> None:
     print(
         f"| {r['method']} | {r['temperature']:g} | tau {r['tau']:.2f} | {r['tokens_per_s']:.1f} tok/s | "
-        f"{r['speedup_vs_ar']:.2f}x | passes/prompt {r['target_passes']:.1f} |",
+        f"{r['speedup_vs_ar']:.2f}x | decoding alone {_fmt(r['decode_tokens_per_s'], '{:.1f} tok/s')}, "
+        f"{_fmt(r['decode_speedup_vs_ar'], '{:.2f}x')} | passes/prompt {r['target_passes']:.1f} |",
         flush=True,
     )
 
 
-def category_table(records: list[dict]) -> str:
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def category_table(records: list[dict], key: str = "speedup_vs_ar") -> str:
+    """Speedups (`key`: end to end, or decode_speedup_vs_ar) by method and category."""
     categories = list(records[0]["by_category"])
     lines = ["| method | T | " + " | ".join(categories) + " | overall | tau |", "|" + "---|" * (len(categories) + 4)]
     for r in records:
-        cells = " | ".join(f"{r['by_category'][c]['speedup_vs_ar']:.2f}x" for c in categories)
-        lines.append(f"| {r['method']} | {r['temperature']:g} | {cells} | {r['speedup_vs_ar']:.2f}x | {r['tau']:.2f} |")
+        cells = " | ".join(_fmt(r["by_category"][c][key], "{:.2f}x") for c in categories)
+        lines.append(f"| {r['method']} | {r['temperature']:g} | {cells} | {_fmt(r[key], '{:.2f}x')} | {r['tau']:.2f} |")
     return "\n".join(lines)
 
 

@@ -336,3 +336,14 @@ def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
     for r in records:
         assert set(r["by_category"]) == {"rag", "qa"} and r["tokens_per_s"] > 0 and r["target_passes"] > 0
         assert 1 <= r["tau"] <= 9 and r["costs_ms"]["t_target_1"] > 0
+        assert all(r["by_category"][c]["prefill_s"] > 0 for c in ("rag", "qa")) and "decode_speedup_vs_ar" in r
+    assert records[0]["decode_speedup_vs_ar"] in (1.0, None)
+
+
+def test_decoding_alone_subtracts_each_categorys_prefill():
+    from infer.bench import Measured
+    from infer.retrieval_bench import decode_rate
+
+    by_category = {"a": Measured(3.0, 20, 0, 0, 1), "b": Measured(2.0, 10, 0, 0, 1)}
+    assert decode_rate(by_category, {"a": 1.0, "b": 1.5}) == 30 / 2.5
+    assert decode_rate({"a": Measured(1.0, 5, 0, 0, 1)}, {"a": 1.0}) is None  # no decoding time left

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jspec.models import (
+    KVCache,
     RopeScaling,
     attention_mask,
     causal_mask,
@@ -20,6 +21,8 @@ from jspec.models import (
     save,
     truncate,
 )
+from jspec.models.kv_cache import write_layer
+from jspec.models.transformer import matmul_dot_general
 
 from conftest import TINY, causal_logits, forward, random_model
 
@@ -152,6 +155,47 @@ def test_commit_path_keeps_only_the_accepted_path():
         root_path = [j for j in range(5) if ancestor[i, j]]
         seq = jnp.concatenate([prefix[0], nodes[0, jnp.asarray(root_path)]])[None]
         np.testing.assert_allclose(tree_logits[0, i], causal_logits(model, seq)[0, -1], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_cache_writes_and_path_commits_are_exact_in_every_dtype(dtype):
+    """16-bit caches are scattered as integer bits (XLA's CPU backend would upcast the whole
+    buffer): the values written and moved must be exactly those given, slots past S dropped."""
+    rng = np.random.RandomState(3)
+    shape = (2, 3, 8, 1, 4)  # [L, B, S, H, D]
+    cache = KVCache(
+        keys=jnp.asarray(rng.randn(*shape), dtype), values=jnp.asarray(rng.randn(*shape), dtype),
+        lengths=jnp.asarray([2, 5, 7], jnp.int32),
+    )  # fmt: skip
+    new = jnp.asarray(rng.randn(3, 2, 1, 4), dtype)
+    written = jax.jit(write_layer, static_argnums=1)(cache.keys, 1, new, cache.lengths)
+    expected = np.asarray(cache.keys).copy()
+    for row, start in enumerate([2, 5, 7]):
+        for i in range(2):
+            if start + i < 8:  # row 2's second token falls past the cache: dropped
+                expected[1, row, start + i] = np.asarray(new)[row, i]
+    np.testing.assert_array_equal(np.asarray(written), expected)
+    assert written.dtype == jnp.dtype(dtype)
+
+    path = jnp.asarray([[1], [0], [0]], jnp.int32)
+    moved = jax.jit(commit_path)(cache, path, jnp.asarray([1, 1, 0], jnp.int32))
+    expected = np.asarray(cache.values).copy()
+    expected[:, 0, 2] = expected[:, 0, 3]  # row 0: new token 1 moves to its first new slot
+    np.testing.assert_array_equal(np.asarray(moved.values), expected)
+    assert list(np.asarray(moved.lengths)) == [3, 6, 7]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_one_row_bfloat16_products_equal_the_unpadded_product(rows):
+    """A one-row bf16 product is computed as two rows on CPU (a faster kernel); same result."""
+    rng = np.random.RandomState(4)
+    x = jnp.asarray(rng.randn(rows, 1, 16), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(16, 8), jnp.bfloat16)
+    numbers = (((2,), (0,)), ((), ()))
+    got = jax.jit(lambda x, w: matmul_dot_general(x, w, numbers, preferred_element_type=jnp.float32))(x, w)
+    want = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), numbers)
+    assert got.shape == (rows, 1, 8) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_truncate_rewinds_lengths():

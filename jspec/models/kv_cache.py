@@ -62,7 +62,18 @@ def write_layer(buffer: jax.Array, layer: int, new: jax.Array, start: jax.Array)
     """
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
-    return buffer.at[layer, rows, new_slots(start, t)].set(new.astype(buffer.dtype), mode="drop")
+    return scatter_set(buffer, (layer, rows, new_slots(start, t)), new.astype(buffer.dtype))
+
+
+def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array:
+    """`buffer.at[index].set(values, mode="drop")`, with a 16-bit float buffer scattered as its
+    integer bits: XLA's CPU backend scatters bfloat16/float16 by converting the whole buffer to
+    float32 and back (the whole cache, every layer of every pass), integers in place."""
+    if jnp.issubdtype(buffer.dtype, jnp.floating) and buffer.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(buffer, jnp.uint16)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(values, jnp.uint16), mode="drop")
+        return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+    return buffer.at[index].set(values, mode="drop")
 
 
 def commit(cache: KVCache, n: jax.Array) -> KVCache:
@@ -84,7 +95,7 @@ def commit_path(cache: KVCache, path: jax.Array, path_length: jax.Array) -> KVCa
     dest = jnp.where(keep, new_slots(cache.lengths, p), cache.size)  # slot S: dropped
 
     def move(buffer):  # [L, B, S, H, D]; all gathers happen before any write
-        return buffer.at[:, rows, dest].set(buffer[:, rows, source], mode="drop")
+        return scatter_set(buffer, (slice(None), rows, dest), buffer[:, rows, source])
 
     return KVCache(
         keys=move(cache.keys),
