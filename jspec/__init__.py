@@ -1,6 +1,6 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import analysis, demo, drafters, eagle, methods, models, retrieval, rounds, sampling, sharding, trees, verify
+from jspec import analysis, demo, drafters, eagle, methods, models, parallel, retrieval, rounds, sampling, sharding, trees, verify
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.methods.adaptive import AdaptiveK
 from jspec.methods.chain import Chain
@@ -13,6 +13,7 @@ from jspec.methods.rasd import RASD
 from jspec.methods.rest import Rest
 from jspec.methods.rsd import RSD
 from jspec.methods.sequoia import SequoiaTree
+from jspec.methods.ssd import SSD
 from jspec.methods.static_tree import StaticTree
 from jspec.sampling import Sampling
 from jspec.verify.lossy import LossySpecDec, LossyTypical
@@ -21,6 +22,7 @@ __all__ = [
     "PAD_ID",
     "RASD",
     "RSD",
+    "SSD",
     "AdaptiveK",
     "Chain",
     "ConfidenceStop",
@@ -44,6 +46,7 @@ __all__ = [
     "generate",
     "methods",
     "models",
+    "parallel",
     "retrieval",
     "rounds",
     "sampling",

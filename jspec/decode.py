@@ -26,6 +26,7 @@ from jspec.drafters import Prefill, as_drafter, prefill_model
 from jspec.methods.chain import Chain
 from jspec.models import Transformer
 from jspec.models.kv_cache import new_slots
+from jspec.parallel import SEQUENTIAL
 from jspec.rounds import Autoregressive
 from jspec.sampling import Sampling, sample, warp
 from jspec.validation import check_budget, check_eos, check_prompts, check_rng, check_vocab
@@ -44,11 +45,13 @@ class Stats:
       finished. R = max_new_tokens bounds the rounds.
     mean_accepted: float32 `[]`, tau: tokens emitted per target pass over all rows and rounds
       (the prefill pass, which emits the first token in every method, is not counted).
+    strategy: the strategy's own counts (`strategy.stats(carry)`, e.g. SSD's cache hits), or None.
     """
 
     target_passes: jax.Array
     emitted_per_round: jax.Array
     mean_accepted: jax.Array
+    strategy: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -111,10 +114,12 @@ def _decode_loop(
     budget: int,
     tokens_per_round: int,
     stream: Callable[[Any, Any], None] | None = None,
+    carry_stats: Callable[[Any], Any] | None = None,
 ) -> Output:
     """Emit `first_token [B]` (from prefill), then run `round_fn(carry, active, key)` in a while_loop
     until every row has `max_new_tokens` (int32 [], at most the static `budget`) or hit EOS.
-    `stream(tokens [B, E], counts [B])` is called on the host with each step's kept tokens."""
+    `stream(tokens [B, E], counts [B])` is called on the host with each step's kept tokens;
+    `carry_stats(carry)` gives `Stats.strategy` from the final carry."""
     b = first_token.shape[0]
     state = LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -151,7 +156,8 @@ def _decode_loop(
     tokens = jnp.where(jnp.arange(budget)[None, :] < length[:, None], tokens, PAD_ID)
     passes = jnp.sum(state.emitted_per_round > 0, axis=1).astype(jnp.int32)
     tau = jnp.sum(state.emitted_per_round) / jnp.maximum(jnp.sum(passes), 1)
-    return Output(tokens=tokens, lengths=length, stats=Stats(passes, state.emitted_per_round, tau.astype(jnp.float32)))
+    extra = None if carry_stats is None else carry_stats(state.carry)
+    return Output(tokens=tokens, lengths=length, stats=Stats(passes, state.emitted_per_round, tau.astype(jnp.float32), extra))
 
 
 def bucket_size(n: int) -> int:
@@ -194,19 +200,51 @@ def _decode(
     budget,
     stream=None,
 ):
-    """Prefill, `strategy.init`, then `strategy.round` until done: one compiled program per
-    (shapes, strategy, sampling, budget). drafter_graph None: no drafter."""
+    """`decode_program` of the merged models: one compiled program per (shapes, strategy,
+    sampling, budget). drafter_graph None: no drafter."""
     target = nnx.merge(target_graph, target_state)
-    drafter = None if drafter_graph is None else as_drafter(nnx.merge(drafter_graph, drafter_state))
+    drafter = None if drafter_graph is None else nnx.merge(drafter_graph, drafter_state)
+    return decode_program(
+        target, drafter, prompts, prompt_lengths, key, eos_id, max_new_tokens,
+        strategy=strategy, sampling=sampling, budget=budget, stream=stream,
+    )  # fmt: skip
+
+
+def decode_program(
+    target: Transformer,
+    drafter_model,
+    prompts,
+    prompt_lengths,
+    key,
+    eos_id,
+    max_new_tokens,
+    *,
+    strategy,
+    sampling,
+    budget,
+    stream=None,
+    stages=SEQUENTIAL,
+) -> Output:
+    """Prefill, `strategy.init`, then `strategy.round` until done (traced inside a jit).
+
+    stages: where the target's and the drafter's work runs (`jspec.parallel`): one device in turn,
+    or each model on its own device inside `jspec.parallel.parallel_generate`'s shard_map; a
+    strategy that places its own work (`strategy.parallel`) receives it."""
+    drafter = None if drafter_model is None else as_drafter(drafter_model)
     feature_layers = () if drafter is None else drafter.feature_layers
     key_prefill, key_loop = jax.random.split(key)
     # Slack past the last emitted token: a round writes tokens_scored entries beyond the length.
     cache_size = prompts.shape[1] + budget + strategy.tokens_scored + 1
-    logits, cache, features = prefill_model(target, prompts, prompt_lengths, cache_size, feature_layers)
+    logits, cache, features = stages.on_target(lambda: prefill_model(target, prompts, prompt_lengths, cache_size, feature_layers))
+    logits, features = stages.share((logits, features))  # the target's cache stays on its device
     first = sample(key_prefill, warp(logits, sampling))
-    carry = strategy.init(target, drafter, Prefill(prompts, prompt_lengths, cache, features), first, sampling)
-    round_fn = lambda carry, active, key: strategy.round(target, drafter, carry, active, sampling, key)  # noqa: E731
-    return _decode_loop(round_fn, carry, first, key_loop, eos_id, max_new_tokens, budget, strategy.tokens_per_round, stream)
+    placed = dict(stages=stages) if getattr(strategy, "parallel", False) else {}
+    carry = strategy.init(target, drafter, Prefill(prompts, prompt_lengths, cache, features), first, sampling, **placed)
+    round_fn = lambda carry, active, key: strategy.round(target, drafter, carry, active, sampling, key, **placed)  # noqa: E731
+    return _decode_loop(
+        round_fn, carry, first, key_loop, eos_id, max_new_tokens, budget, strategy.tokens_per_round, stream,
+        getattr(strategy, "stats", None),
+    )  # fmt: skip
 
 
 STRATEGY_API = ("tokens_per_round", "tokens_scored", "lossy", "check", "init", "round")
