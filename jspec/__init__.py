@@ -8,6 +8,7 @@ from jspec.methods.dynamic_tree import DynamicTree
 from jspec.methods.eagle_tree import EagleTree
 from jspec.methods.early_stop import ConfidenceStop, EarlyStop
 from jspec.methods.multi_candidate import MultiCandidate
+from jspec.methods.pearl import PEARL
 from jspec.methods.prompt_lookup import PromptLookup
 from jspec.methods.rasd import RASD
 from jspec.methods.rest import Rest
@@ -20,6 +21,7 @@ from jspec.verify.lossy import LossySpecDec, LossyTypical
 
 __all__ = [
     "PAD_ID",
+    "PEARL",
     "RASD",
     "RSD",
     "SSD",

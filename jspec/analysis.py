@@ -112,6 +112,18 @@ def expected_tau(alpha: float, k: int) -> float:
     return -math.expm1((k + 1) * math.log(alpha)) / (1.0 - alpha)
 
 
+def alpha_from_tau(tau: float, k: int) -> float:
+    """The i.i.d. acceptance rate alpha with `expected_tau(alpha, k) = tau`: what a measured tau of
+    a chain of k drafts implies (bisection; tau is increasing in alpha). tau in [1, k + 1]."""
+    k = _int("k", k, 1)
+    tau = _real("tau", tau, low=1.0, high=k + 1.0)
+    low, high = 0.0, 1.0
+    for _ in range(60):  # 2^-60: below float64 resolution of alpha
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected_tau(mid, k) < tau else (low, mid)
+    return (low + high) / 2
+
+
 def expected_tau_from_acceptance(accept_probs) -> float:
     """Expected tokens per round of a chain with position-dependent acceptance.
 

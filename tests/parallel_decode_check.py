@@ -24,7 +24,7 @@ from test_ssd import LAW, law_pair
 
 import jspec
 from jspec.drafters import ModelDrafter, Prefill
-from jspec.methods.ssd import SSD, hit_rate
+from jspec.methods.ssd import SSD
 from jspec.models import causal_mask, init_cache
 from jspec.parallel import STAGE, PlacedStages, Placement, parallel_generate, place
 
@@ -80,27 +80,32 @@ def main() -> None:
     prompts, lengths = jnp.asarray(PLAIN_PROMPTS), jnp.asarray(RAGGED_LENGTHS)
     check_caches_live_on_their_own_device(placed, prompts, jnp.full((3,), prompts.shape[1], jnp.int32))
 
-    strategy = SSD(k=3)
     greedy = jspec.generate(target, prompts, prompt_lengths=lengths, max_new_tokens=20)
-    parallel = parallel_generate(placed, prompts, prompt_lengths=lengths, max_new_tokens=20, strategy=strategy)
-    np.testing.assert_array_equal(np.asarray(parallel.tokens), np.asarray(greedy.tokens), err_msg="parallel SSD != greedy target")
-    np.testing.assert_array_equal(np.asarray(parallel.lengths), np.asarray(greedy.lengths))
-    for sampling, key in ((jspec.Sampling(), None), (jspec.Sampling(temperature=1.0), jax.random.key(5))):
-        common = dict(prompt_lengths=lengths, max_new_tokens=20, strategy=strategy, sampling=sampling, rng=key)
-        one = jspec.speculative_generate(target, drafter, prompts, **common)
-        two = parallel_generate(placed, prompts, **common)
-        np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens), err_msg=f"parallel != 1 device, {sampling}")
-        for name in ("rounds", "hits"):
-            np.testing.assert_array_equal(np.asarray(two.stats.strategy[name]), np.asarray(one.stats.strategy[name]))
-    print(f"greedy SSD(k=3) on 2 devices: hit rate {hit_rate(parallel.stats):.2f}")
+    for strategy in (SSD(k=3), jspec.PEARL(gamma=3)):
+        parallel = parallel_generate(placed, prompts, prompt_lengths=lengths, max_new_tokens=20, strategy=strategy)
+        message = f"{strategy} on 2 devices != greedy"
+        np.testing.assert_array_equal(np.asarray(parallel.tokens), np.asarray(greedy.tokens), err_msg=message)
+        np.testing.assert_array_equal(np.asarray(parallel.lengths), np.asarray(greedy.lengths))
+        for sampling, key in ((jspec.Sampling(), None), (jspec.Sampling(temperature=1.0), jax.random.key(5))):
+            common = dict(prompt_lengths=lengths, max_new_tokens=20, strategy=strategy, sampling=sampling, rng=key)
+            one = jspec.speculative_generate(target, drafter, prompts, **common)
+            two = parallel_generate(placed, prompts, **common)
+            message = f"{strategy} on 2 devices != on 1 device, {sampling}"
+            np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens), err_msg=message)
+            for name, counts in one.stats.strategy.items():
+                np.testing.assert_array_equal(np.asarray(two.stats.strategy[name]), np.asarray(counts), err_msg=message)
+        print(f"greedy {strategy} on 2 devices: {jax.tree.map(lambda x: np.asarray(x).tolist(), parallel.stats.strategy)}")
 
     small_target, small_drafter = law_pair()
     small = place(small_target, small_drafter, placement)
     sampling = jspec.Sampling(temperature=1.0)
-    codes = _sample_codes(lambda p, key: parallel_generate(small, p, max_new_tokens=3, strategy=LAW, sampling=sampling, rng=key))
-    pvalue = chi_square_pvalue(codes, _exact_first3(small_target, sampling))
-    assert pvalue > 1e-3, f"first 3 tokens on 2 devices: chi-square p = {pvalue:.2e}"
-    print(f"T=1 first-3-token law on 2 devices: p = {pvalue:.3f} ({len(codes)} samples, prompt {PROMPT.tolist()})")
+    exact = _exact_first3(small_target, sampling)
+    for strategy in (LAW, jspec.PEARL(gamma=2)):
+        run = lambda p, key: parallel_generate(small, p, max_new_tokens=3, strategy=strategy, sampling=sampling, rng=key)  # noqa: E731
+        codes = _sample_codes(run)
+        pvalue = chi_square_pvalue(codes, exact)
+        assert pvalue > 1e-3, f"{strategy}: first 3 tokens on 2 devices: chi-square p = {pvalue:.2e}"
+        print(f"{strategy}: T=1 first-3-token law on 2 devices: p = {pvalue:.3f} ({len(codes)} samples, {PROMPT.tolist()})")
     print("PARALLEL DECODE OK")
 
 

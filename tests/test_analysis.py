@@ -73,6 +73,16 @@ def test_tau_of_real_speculative_sampling_is_expected_tau_of_one_minus_tv():
     assert not within(emitted, analysis.expected_tau(float(np.sqrt(p * q).sum()), k))  # a wrong overlap (Bhattacharyya)
 
 
+def test_alpha_from_tau_inverts_expected_tau():
+    for alpha, k in ((0.0, 1), (0.3, 2), (0.75, 4), (0.99, 8), (1.0, 3)):
+        assert analysis.alpha_from_tau(analysis.expected_tau(alpha, k), k) == pytest.approx(alpha, abs=1e-9)
+    assert analysis.alpha_from_tau(1.5, 2) < analysis.alpha_from_tau(1.5, 1)  # the same tau from more drafts: lower alpha
+    with pytest.raises(ValueError, match="tau"):
+        analysis.alpha_from_tau(4.5, 3)
+    with pytest.raises(ValueError, match="k"):
+        analysis.alpha_from_tau(1.5, 0)
+
+
 def test_position_dependent_tau_matches_simulation():
     a = [0.9, 0.7, 0.5, 0.2]
     emitted = simulate_chain(a, ROUNDS, seed=1)
