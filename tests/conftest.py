@@ -95,6 +95,23 @@ def causal_logits(model: Transformer, tokens) -> jax.Array:
     return logits
 
 
+def run_on_simulated_devices(script: str, devices: int, ok: str, timeout: int = 900) -> None:
+    """Run tests/`script` in a fresh process whose JAX has `devices` simulated CPU devices (a
+    process fixes its device count when its backend starts) and assert it printed `ok`."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "tests"), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / script)], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0 and ok in result.stdout, result.stdout + result.stderr[-6000:]
+
+
 def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
     """Pearson chi-square p-value of integer `samples` against `probs`; bins expected below
     `min_expected` are pooled into one so the asymptotic distribution holds."""

@@ -4,11 +4,6 @@ already has one device; the argument checks run here."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -16,25 +11,14 @@ from jax.sharding import Mesh
 
 from jspec.parallel import SEQUENTIAL, Placement, parallel_generate
 
+from conftest import run_on_simulated_devices
+
 
 @pytest.mark.slow
 def test_parallel_decoding_on_2_devices():
     """Weights and caches on their own devices; SSD's output equals greedy decoding and the
     one-device run token for token (T=0 and T=1); the T=1 law of the first 3 tokens holds."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / "tests"), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(root / "tests" / "parallel_decode_check.py")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0 and "PARALLEL DECODE OK" in result.stdout, result.stdout + result.stderr[-6000:]
+    run_on_simulated_devices("parallel_decode_check.py", 2, "PARALLEL DECODE OK")
 
 
 def test_a_placement_needs_two_devices_on_one_axis():

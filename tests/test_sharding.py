@@ -3,11 +3,6 @@ simulated CPU devices (a subprocess, since this process's JAX already has one de
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -18,6 +13,8 @@ from jax.sharding import PartitionSpec as P
 import jspec
 from jspec import sharding
 from jspec.models import KVCache, ModelConfig, Transformer
+
+from conftest import run_on_simulated_devices
 
 MESH = AbstractMesh((4, 2), ("data", "model"))  # only axis names and sizes matter to the rules
 CONFIG = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
@@ -141,17 +138,4 @@ def test_make_mesh_checks_its_arguments():
 def test_sharded_decoding_equals_unsharded_on_8_devices():
     """Greedy generate, Chain(k=3) and StaticTree((2, 1)) on a data=4 x model=2 mesh of simulated
     CPU devices match their unsharded outputs exactly, and the programs really are partitioned."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(root / "tests" / "sharded_decode_check.py")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0 and "SHARDED DECODE OK" in result.stdout, result.stdout + result.stderr[-6000:]
+    run_on_simulated_devices("sharded_decode_check.py", 8, "SHARDED DECODE OK", timeout=600)
