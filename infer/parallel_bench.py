@@ -30,7 +30,7 @@ import numpy as np
 import jspec
 from infer.bench import default_spec_bench, jsonl_batches, machine, measure_by_category, total
 from infer.models import add_model_arguments, models_from_args
-from infer.retrieval_bench import category_table, prefill_seconds, record, save, target_eos
+from infer.retrieval_bench import prefill_seconds, print_summary, record, save, target_eos
 from infer.timing import forward_seconds
 from jspec.analysis import alpha_from_tau, pearl_speedup, speedup_from_costs, ssd_speedup
 from jspec.decode import bucket_size
@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             predicted = f"predicted {rec['predicted_speedup']:.2f}x" if "predicted_speedup" in rec else ""
             print(f"  {name}: {extra}{predicted}", flush=True)
             jax.clear_caches()
-    print(f"total {time.time() - started:.0f} s")
-    print(category_table(records))
-    print("decoding alone (prefill excluded):")
-    print(category_table(records, "decode_speedup_vs_ar"))
+    print_summary(records, started)
     return records
 
 

@@ -138,11 +138,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records.append(record(name, temperature, by_category, ar, ar_rate, costs, context_, prefills))
             save(args.json, records)
             jax.clear_caches()
+    print_summary(records, started)
+    return records
+
+
+def print_summary(records: list[dict], started: float) -> None:
+    """The run's time and its speedup tables, end to end and for the decoding alone."""
     print(f"total {time.time() - started:.0f} s")
     print(category_table(records))
     print("decoding alone (prefill excluded):")
     print(category_table(records, "decode_speedup_vs_ar"))
-    return records
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "cache_size"))
@@ -202,17 +207,18 @@ def record(name, temperature, by_category, ar, ar_rate, costs, context, prefills
     ar = ar or by_category
     categories = category_records(by_category, ar, ar is by_category)
     for c in by_category:
-        decode = decode_rate({c: by_category[c]}, prefills)
-        speedup = ratio(decode, decode_rate({c: ar[c]}, prefills))
-        categories[c].update(decode_tokens_per_s=decode, decode_speedup_vs_ar=speedup, prefill_s=prefills[c])
+        rate_c = decode_rate({c: by_category[c]}, prefills)
+        speedup = ratio(rate_c, decode_rate({c: ar[c]}, prefills))
+        categories[c].update(decode_tokens_per_s=rate_c, decode_speedup_vs_ar=speedup, prefill_s=prefills[c])
+    decode = decode_rate(by_category, prefills)
     return {
         "method": name,
         "temperature": temperature,
         "tau": 1.0 if ar is by_category else measured.tau,
         "tokens_per_s": rate,
         "speedup_vs_ar": rate / ar_rate,
-        "decode_tokens_per_s": decode_rate(by_category, prefills),
-        "decode_speedup_vs_ar": ratio(decode_rate(by_category, prefills), decode_rate(ar, prefills)),
+        "decode_tokens_per_s": decode,
+        "decode_speedup_vs_ar": ratio(decode, decode_rate(ar, prefills)),
         "target_passes": measured.passes / measured.rows,
         "tokens_per_row": measured.tokens / measured.rows,
         "by_category": categories,

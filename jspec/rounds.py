@@ -61,6 +61,12 @@ def emitted_tokens(draft_tokens: jax.Array, verdict) -> jax.Array:
     return jnp.where(index == verdict.accepted[:, None], verdict.next_token[:, None], padded)
 
 
+def keep_active(active: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` for rows where `active [B]`, `old` elsewhere (arrays `[B, ...]`): a round leaves an
+    inactive row as it was."""
+    return jnp.where(active.reshape(active.shape + (1,) * (old.ndim - 1)), new, old)
+
+
 def prefix_sizes(n: int) -> tuple[int, ...]:
     """The prefix lengths a round that may score fewer than its n nodes picks from: 1, 2, 3, 5, 9,
     17, ... below n, then n (each one branch of one compiled program)."""

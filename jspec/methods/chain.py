@@ -143,6 +143,26 @@ def _log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), x[:, None], axis=1)[:, 0]
 
 
+def score_chain(drafter, state, last: jax.Array, tokens: jax.Array, width: int, strategy: str):
+    """Catch a language-model drafter up to `last` [B] and score the given chain `tokens [B, n]`
+    (n >= 0) in one pass, at window slots 0..n-1 of a window of `width` slots (node i at depth i + 1
+    sees slots 0..i). Returns the drafter's logits `[B, n + 1, V]` (float32; entry i: for the token
+    after i chain tokens) and the state, uncommitted. What a strategy that drafts past tokens it did
+    not just sample (SSD's pre-drafting, PEARL's pending drafts) scores them with. `strategy` names
+    the caller in the error for a feature-level drafter, whose contexts this pass cannot supply."""
+    b, n = tokens.shape
+    logits_root, context, state = drafter.catch_up(state, last)
+    if context.shape[-1] != 0:
+        raise ValueError(f"{strategy} needs a language-model drafter (a jspec.models.Transformer), not a feature-level head")
+    if n == 0:
+        return logits_root[:, None].astype(jnp.float32), state
+    window = jnp.arange(width)
+    mask = jnp.broadcast_to(window[None, :] <= jnp.arange(n)[:, None], (b, n, width))
+    depth = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n))
+    logits_chain, _, state = drafter.extend(state, tokens, jnp.zeros((b, n, 0), jnp.float32), depth, mask, 0)
+    return jnp.concatenate([logits_root[:, None], logits_chain], axis=1).astype(jnp.float32), state
+
+
 def draft_chain(
     drafter,
     state,

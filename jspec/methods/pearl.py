@@ -19,21 +19,24 @@ of two modes, set by the previous step:
 Lossless: every draft is verified by Leviathan/Chen speculative sampling against the target's
 distribution given exactly its prefix, with the distribution it was drawn from. The target scores
 gamma tokens in either mode (a pre-verify row's extra positions are padding), except that a step
-where every row pre-verifies scores the root alone (`lax.switch`, one program).
+where every row pre-verifies scores the root alone (`lax.cond`, one program).
 `jspec.analysis.pearl_speedup` is the expected speedup from measured costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jspec.drafters import Accepted
+from jspec.methods.chain import score_chain
 from jspec.models import KVCache, causal_mask, commit
 from jspec.parallel import SEQUENTIAL
+from jspec.rounds import keep_active
 from jspec.sampling import Sampling, sample, warp
 from jspec.verify.chain import verify_sampling
 
@@ -155,7 +158,7 @@ class PEARL:
         )
         state = stages.on_drafter(lambda: drafter.commit(state, path))
 
-        keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+        keep = functools.partial(keep_active, active)
         carry = PEARLCarry(
             target_cache=target_cache,
             drafter=state,
@@ -176,14 +179,9 @@ class PEARL:
         g, b = self.gamma, chain.shape[0]
         width = 2 * g - 1
         window = jnp.arange(width)
-        logits, context, state = drafter.catch_up(state, chain[:, 0])
-        if context.shape[-1] != 0:
-            raise ValueError("PEARL needs a language-model drafter (a jspec.models.Transformer), not a feature-level head")
-        if g > 1:  # the pending drafts, one pass; a pre-verifying row's entries are never looked at
-            mask = jnp.broadcast_to(window[None, :] <= jnp.arange(g - 1)[:, None], (b, g - 1, width))
-            depth = jnp.broadcast_to(jnp.arange(1, g, dtype=jnp.int32), (b, g - 1))
-            forced, _, state = drafter.extend(state, chain[:, 1:], jnp.zeros((b, g - 1, 0), jnp.float32), depth, mask, 0)
-            logits = jnp.where(pending[:, None], forced[:, -1], logits)
+        # The pending drafts in one pass (a pre-verifying row's entries are never looked at).
+        scored, state = score_chain(drafter, state, chain[:, 0], chain[:, 1:], width, "PEARL")
+        logits = jnp.where(pending[:, None], scored[:, -1], scored[:, 0])
         base = jnp.where(pending, g - 1, 0)  # depth of the node the new drafts grow from
         keys = jax.random.split(key, g)
         q = warp(logits, sampling)

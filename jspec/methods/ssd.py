@@ -25,6 +25,7 @@ and the verification and the pre-drafting of a round run at the same time; with
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -32,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec.drafters import Accepted
-from jspec.methods.chain import draft_chain
+from jspec.methods.chain import draft_chain, score_chain
 from jspec.models import KVCache, causal_mask, commit
 from jspec.parallel import SEQUENTIAL
-from jspec.rounds import emitted_tokens
+from jspec.rounds import emitted_tokens, keep_active
 from jspec.sampling import Sampling, sample, warp
 from jspec.verify.chain import Verdict, verify_sampling
 
@@ -154,8 +155,9 @@ class SSD:
         probs = jnp.where(carry.hit[:, None, None], carry.cached_probs, fresh[1])  # [B, k, V]
 
         # 2. At once: the target verifies the chain, the drafter pre-drafts the next round.
+        chain = jnp.concatenate([carry.last[:, None], tokens], axis=1)  # [B, k+1]: the root, then the drafts
+
         def verify():
-            chain = jnp.concatenate([carry.last[:, None], tokens], axis=1)
             positions = carry.target_cache.lengths[:, None] + jnp.arange(k + 1)
             logits, cache = target(chain, positions, causal_mask(b, k + 1), carry.target_cache)
             verdict = verify_sampling(key_verify, tokens, probs, warp(logits, sampling))
@@ -170,7 +172,6 @@ class SSD:
         # 3. Commit the accepted prefix, each model on its own device.
         n_new = accepted + 1
         target_cache = stages.on_target(lambda: commit(target_cache, jnp.where(active, n_new, 0)))
-        chain = jnp.concatenate([carry.last[:, None], tokens], axis=1)
         slots = jnp.broadcast_to(jnp.arange(-1, k, dtype=jnp.int32), (b, k + 1))  # node i at window slot i - 1
         kept = Accepted(tokens=chain, slots=slots, accepted=accepted, next_token=next_token, features=None, active=active)
         state = stages.on_drafter(lambda: drafter.commit(state, kept))
@@ -178,7 +179,7 @@ class SSD:
         # 4. Look the real outcome up in the speculation cache.
         match = (branch_length == accepted[:, None]) & (branch_bonus == next_token[:, None])  # [B, M]
         first = jnp.argmax(match, axis=1)
-        keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+        keep = functools.partial(keep_active, active)
         carry = SSDCarry(
             target_cache=target_cache,
             drafter=state,
@@ -204,14 +205,8 @@ class SSD:
         b = last.shape[0]
         width = k + m * k
         window = jnp.arange(width)
-        logits_root, context, state = drafter.catch_up(state, last)
-        if context.shape[-1] != 0:
-            raise ValueError("SSD needs a language-model drafter (a jspec.models.Transformer), not a feature-level head")
-        chain_mask = jnp.broadcast_to(window[None, :] <= jnp.arange(k)[:, None], (b, k, width))
-        depth = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32), (b, k))
-        logits_chain, _, state = drafter.extend(state, tokens, jnp.zeros((b, k, 0), jnp.float32), depth, chain_mask, 0)
         # [B, k+1, V]: at position n, the drafter's logits for the token after n accepted drafts.
-        logits = jnp.concatenate([logits_root[:, None], logits_chain], axis=1).astype(jnp.float32)
+        logits, state = score_chain(drafter, state, last, tokens, width, "SSD")
 
         # Candidates for the bonus token after n accepted drafts: the drafter's top tokens at
         # position n, without d_{n+1} for n < k (a rejected draft is never what replaces it).
