@@ -41,7 +41,7 @@ from jspec.models import ModelConfig, Transformer
 RANDOM_MODELS_NOTE = "models: random-init"
 DEMO_MODELS_NOTE = "models: jspec.demo (trained on the Python standard library)"
 CHAT_MODELS_NOTE = "models: SmolLM2-135M-Instruct (jspec.demo) and a drafter distilled for it"
-DEMO_DRAFTER = {demo.SMOLLM2: demo.SMOLLM2_DRAFTER, "target": "drafter-distilled"}
+DEMO_DRAFTER = {demo.SMOLLM2: demo.SMOLLM2_DRAFTER, "target": "drafter-distilled", demo.HYBRID: "drafter"}
 DEMO_TARGETS = tuple(DEMO_DRAFTER)
 
 # The drafter's blocks and the lm_head: large enough that generations are varied (see module doc).
@@ -89,6 +89,23 @@ PRESETS: dict[str, Preset] = {
         ),
         drafter_layers=1,
     ),
+    # A hybrid state-space target: attention first (what the truncated drafter keeps), then Mamba-2.
+    "hybrid-tiny": Preset(
+        ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=3,
+            n_heads=2,
+            n_kv_heads=2,
+            d_ff=64,
+            max_seq_len=512,
+            tie_embeddings=False,
+            layer_types=("attention", "mamba", "mamba"),
+            ssm_state=8,
+            ssm_head_dim=16,
+        ),
+        drafter_layers=1,
+    ),
 }
 
 
@@ -113,7 +130,8 @@ def random_target(preset: Preset, seed: int) -> Transformer:
 
 def truncated_drafter(target: Transformer, n_layers: int) -> Transformer:
     """A drafter of the target's embedding, first n_layers blocks, final norm and lm_head."""
-    config = dataclasses.replace(target.config, n_layers=n_layers)
+    types = target.config.layer_types
+    config = dataclasses.replace(target.config, n_layers=n_layers, layer_types=None if types is None else types[:n_layers])
     # Abstract init: every parameter is replaced by the target's below, so none is computed.
     graph, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
     params = nnx.state(target).to_pure_dict()
@@ -203,7 +221,7 @@ def loaded_models(
     drafter = load_drafter(drafter_path, target, drafter_dtype or dtype)
     if target_path == demo.SMOLLM2 and drafter_path == demo.SMOLLM2_DRAFTER:
         first = CHAT_MODELS_NOTE
-    elif target_path in demo.CODE_MODELS and drafter_path in demo.CODE_MODELS:
+    elif target_path in demo.CODE_MODELS + (demo.HYBRID,) and drafter_path in demo.CODE_MODELS:
         first = DEMO_MODELS_NOTE
     else:
         first = "models: checkpoints"
@@ -257,8 +275,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def uses_demo_models(args: argparse.Namespace) -> bool:
-    """The small code models (`--target target`)."""
-    return args.preset is None and args.target == "target"
+    """The small code models (`--target target`, or the hybrid code model `--target hybrid`)."""
+    return args.preset is None and args.target in ("target", demo.HYBRID)
 
 
 def is_chat(args: argparse.Namespace) -> bool:

@@ -20,6 +20,7 @@ from jspec.decode import prefill
 from jspec.drafters import Accepted, Prefill, as_drafter, prefill_model
 from jspec.models import KVCache, Transformer, causal_mask
 from jspec.sampling import Sampling
+from jspec.trees import Tree, tree_ancestor_mask
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
@@ -35,7 +36,8 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "cache_size"))
-def _prefill(graph, state, prompts: jax.Array, cache_size: int) -> KVCache:
+def prefill_cache(graph, state, prompts: jax.Array, cache_size: int) -> KVCache:
+    """The cache of a model (`nnx.split` as graph, state) after full-length `prompts` `[B, P]`."""
     model = nnx.merge(graph, state)
     lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     return prefill(model, prompts, lengths, cache_size)[1]
@@ -47,12 +49,10 @@ def _prefill(graph, state, prompts: jax.Array, cache_size: int) -> KVCache:
 # keeps the lm_head live (as sampling does), and the cache is carried and donated so that XLA
 # writes the new keys/values in place instead of copying the whole cache.
 @functools.partial(jax.jit, static_argnames=("graph", "passes"), donate_argnames=("cache",))
-def _forward_loop(graph, state, tokens: jax.Array, cache: KVCache, passes: int) -> tuple[jax.Array, KVCache]:
+def _forward_loop(graph, state, tokens: jax.Array, cache: KVCache, passes: int, mask, depth) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graph, state)
-    b, t = tokens.shape
     # The cache is never committed, so every pass scores the same positions.
-    positions = cache.lengths[:, None] + jnp.arange(t)
-    mask = causal_mask(b, t)
+    positions = cache.lengths[:, None] + depth
 
     def body(_, carry):
         tokens, cache = carry
@@ -63,18 +63,33 @@ def _forward_loop(graph, state, tokens: jax.Array, cache: KVCache, passes: int) 
 
 
 def forward_seconds(
-    model: Transformer, prompts: jax.Array, cache_size: int, n_new: int, *, passes: int = 32, runs: int = 7
+    model: Transformer,
+    prompts: jax.Array,
+    cache_size: int,
+    n_new: int,
+    *,
+    passes: int = 32,
+    runs: int = 7,
+    tree: Tree | None = None,
 ) -> float:
     """Seconds of one forward pass of `model` over n_new tokens per row, after `prompts` `[B, P]`
     were prefilled into a cache of cache_size slots: the median over `runs` compiled loops of
-    `passes` passes each, divided by `passes`."""
+    `passes` passes each, divided by `passes`. The n_new tokens form a chain (a causal mask), or
+    with `tree` (n_new nodes) that token tree (its ancestor mask and depths)."""
     graph, state = nnx.split(model)
-    cache = _prefill(graph, state, prompts, cache_size)
-    tokens = jnp.zeros((prompts.shape[0], n_new), jnp.int32)
+    cache = prefill_cache(graph, state, prompts, cache_size)
+    b = prompts.shape[0]
+    tokens = jnp.zeros((b, n_new), jnp.int32)
+    if tree is None:
+        mask, depth = causal_mask(b, n_new), jnp.broadcast_to(jnp.arange(n_new), (b, n_new))
+    else:
+        if tree.size != n_new:
+            raise ValueError(f"tree has {tree.size} nodes, n_new is {n_new}")
+        mask, depth = tree_ancestor_mask(tree), tree.depth
 
     def loop() -> jax.Array:
         nonlocal cache
-        tokens_out, cache = _forward_loop(graph, state, tokens, cache, passes)
+        tokens_out, cache = _forward_loop(graph, state, tokens, cache, passes, mask, depth)
         return tokens_out
 
     seconds, _ = time_calls(loop, runs)

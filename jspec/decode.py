@@ -264,6 +264,7 @@ def check_drafter(target: Transformer, drafter) -> None:
     over the target's vocabulary."""
     if isinstance(drafter, Transformer):
         check_vocab(target.config, drafter.config)
+        as_drafter(drafter)  # a model with Mamba-2 layers cannot draft
         return
     if not hasattr(drafter, "as_drafter"):
         raise ValueError(

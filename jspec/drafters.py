@@ -102,7 +102,7 @@ def prefill_model(model: Transformer, prompts: jax.Array, lengths: jax.Array, ca
     cache = constrain_cache(init_cache(model.config, b, cache_size))
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
     out = model(prompts, positions, causal_mask(b, p), cache, logits_at=(lengths - 1)[:, None], features=features)
-    logits, cache = out[0], commit(out[1], lengths)
+    logits, cache = out[0], commit(out[1], lengths, p)
     return logits[:, 0], cache, (out[2] if features else None)
 
 
@@ -161,6 +161,12 @@ class ModelDrafter:
 def as_drafter(model) -> Drafter:
     """The drafter of `model`: a `ModelDrafter` for a `jspec.models.Transformer`, else `model.as_drafter()`."""
     if isinstance(model, Transformer):
+        if model.config.mamba_layers:
+            raise ValueError(
+                f"drafter: a model with Mamba-2 layers (layers {model.config.mamba_layers}) cannot draft: a draft "
+                "model rewinds its cache after each round and an SSM state does not rewind; draft with an "
+                "attention-only model (a state-space or hybrid model can be the target)"
+            )
         return ModelDrafter(model)
     if hasattr(model, "as_drafter"):
         return model.as_drafter()

@@ -225,7 +225,7 @@ class Autoregressive:
         del drafter
         b = carry.last.shape[0]
         logits, cache = target(carry.last[:, None], carry.cache.lengths[:, None], causal_mask(b, 1), carry.cache)
-        cache = commit(cache, active.astype(jnp.int32))
+        cache = commit(cache, active.astype(jnp.int32), 1)
         token = sample(key, warp(logits[:, 0], sampling))
         carry = AutoregressiveCarry(cache=cache, last=jnp.where(active, token, carry.last))
         return carry, token[:, None], jnp.ones((b,), jnp.int32)

@@ -176,10 +176,17 @@ def cache_partition_spec(shape: Sequence[int], mesh: Mesh | AbstractMesh) -> Par
     return PartitionSpec(None, _split(mesh, DATA, b), None, _split(mesh, MODEL, h_kv), None)
 
 
+def ssm_partition_spec(shape: Sequence[int], mesh: Mesh | AbstractMesh) -> PartitionSpec:
+    """A Mamba-2 cache buffer `[Lm, B, ...]`: B over 'data', the rest replicated."""
+    return PartitionSpec(None, *batch_partition_spec(tuple(shape)[1:], mesh))
+
+
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
-    """A `KVCache` of `NamedSharding`s for `cache` (keys/values by `cache_partition_spec`, lengths by batch)."""
+    """A `KVCache` of `NamedSharding`s for `cache` (keys/values by `cache_partition_spec`, lengths by
+    batch, Mamba-2 buffers by `ssm_partition_spec`)."""
     kv = NamedSharding(mesh, cache_partition_spec(cache.keys.shape, mesh))
-    return KVCache(keys=kv, values=kv, lengths=NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh)))
+    ssm = None if cache.ssm is None else jax.tree.map(lambda a: NamedSharding(mesh, ssm_partition_spec(a.shape, mesh)), cache.ssm)
+    return KVCache(keys=kv, values=kv, lengths=NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh)), ssm=ssm)
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
@@ -206,10 +213,4 @@ def constrain_cache(cache: KVCache) -> KVCache:
         )
     if any(t == AxisType.Manual for t in mesh.axis_types):
         return cache
-    kv = NamedSharding(mesh, cache_partition_spec(cache.keys.shape, mesh))
-    constrain = jax.lax.with_sharding_constraint
-    return KVCache(
-        keys=constrain(cache.keys, kv),
-        values=constrain(cache.values, kv),
-        lengths=constrain(cache.lengths, NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh))),
-    )
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))

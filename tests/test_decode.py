@@ -223,7 +223,8 @@ def _exact_first3(target, sampling: Sampling) -> np.ndarray:
     seqs = np.array(list(itertools.product(range(v), repeat=3)), np.int32)  # [64, 3]
     full = np.concatenate([np.repeat(PROMPT, len(seqs), 0), seqs], axis=1)
     b, t = full.shape
-    logits, _ = target(jnp.asarray(full), jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(b, t), init_cache(SMALL, b, t))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, _ = target(jnp.asarray(full), positions, causal_mask(b, t), init_cache(target.config, b, t))
     probs = np.asarray(warp(logits, sampling))  # [64, T, V]
     p = PROMPT.shape[1]
     steps = [probs[np.arange(b), p - 1 + i, seqs[:, i]] for i in range(3)]

@@ -96,3 +96,18 @@ def test_cards_report_the_measurements():
         assert "Held-out loss" in card and "python -m train." in card
         if name != "target":
             assert "| 0 |" in card and "| 1 |" in card  # alpha/tau/speedup at T=0 and T=1
+
+
+def test_the_hybrid_target_is_trained_and_decodes_losslessly_with_the_code_drafter(prompts):
+    """The bundled hybrid (Mamba-2 and attention layers) target: better than chance on held-out
+    code, and chain and tree speculation with the attention-only code drafter equal its greedy output."""
+    hybrid = demo.load(demo.HYBRID)
+    assert hybrid.config.mamba_layers and hybrid.config.attention_layers
+    drafter = demo.load("drafter")
+    ar = jspec.generate(hybrid, prompts[:2], max_new_tokens=32)
+    for strategy in (jspec.Chain(k=3), jspec.StaticTree((2, 2, 1))):
+        spec = jspec.speculative_generate(hybrid, drafter, prompts[:2], max_new_tokens=32, strategy=strategy)
+        np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))
+        assert float(spec.stats.mean_accepted) > 1.5  # the drafter, trained on the same code, agrees often
+    card = demo.card(demo.HYBRID)
+    assert card.startswith(f"# jspec demo model: `{demo.HYBRID}`") and "python -m train.pretrain" in card

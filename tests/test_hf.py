@@ -30,6 +30,7 @@ from conftest import TINY, causal_logits, random_model  # noqa: E402
 
 VOCAB = 256
 MAX_ERR = 1e-4  # float32 on both sides; measured 3e-6 .. 1.3e-5
+SSM_FAMILIES = ("mamba2", "bamba")  # state-space targets: they cannot draft (jspec.models.mamba2)
 
 
 def hf_config(family: str, layers: int = 2):
@@ -71,6 +72,32 @@ def hf_config(family: str, layers: int = 2):
             query_pre_attn_scalar=24,
             attn_logit_softcapping=5.0,
             final_logit_softcapping=3.0,
+        )
+    if family == "mamba2":  # 2 groups of heads, a convolution bias; no attention, no MLP
+        return tf.Mamba2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_heads=8,
+            head_dim=16,
+            state_size=16,
+            n_groups=2,
+            expand=2,
+            initializer_range=0.2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if family == "bamba":  # Mamba-2 then attention (partial RoPE), projection biases on the Mamba-2 layers
+        return tf.BambaConfig(
+            **{k: v for k, v in common.items() if k != "max_position_embeddings"},
+            max_position_embeddings=128,
+            attn_layer_indices=[1],
+            mamba_n_heads=8,
+            mamba_d_head=16,
+            mamba_d_state=16,
+            mamba_n_groups=2,
+            mamba_proj_bias=True,
         )
     assert family == "gpt2"
     return tf.GPT2Config(
@@ -117,7 +144,8 @@ def checkpoints(tmp_path_factory):
     """family -> (directory, HF model) for a 2-layer target; family + "-drafter": a 1-layer drafter."""
     out = {}
     for family in FAMILIES:
-        for name, layers, seed in ((family, 2, 0), (family + "-drafter", 1, 1)):
+        drafters = () if family in SSM_FAMILIES else ((family + "-drafter", 1, 1),)  # SSM targets use llama's
+        for name, layers, seed in ((family, 2, 0), *drafters):
             model = hf_model(family, layers, seed)
             directory = tmp_path_factory.mktemp(name)
             model.save_pretrained(directory)
@@ -150,6 +178,8 @@ FEATURES = {
         {"attn_scale": None},
     ],
     "gpt2": {"gelu_approximate": False},
+    "mamba2": {"ssm_dt_limit": (0.0, 1e-3)},  # the time-step clamp is applied
+    "bamba": {"rope_fraction": 1.0},  # half the head dims rotate
 }
 
 
@@ -176,7 +206,8 @@ def _with_config(model, config: ModelConfig):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_hugging_face_also_speculative(checkpoints, family):
     target = from_hf(checkpoints[family][0])
-    drafter = from_hf(checkpoints[family + "-drafter"][0])
+    # A Mamba-2 state cannot rewind, so state-space targets draft with an attention model.
+    drafter = from_hf(checkpoints[("llama" if family in SSM_FAMILIES else family) + "-drafter"][0])
     n = 12
     prompts = IDS[:, :8]
     expected = hf_greedy(checkpoints[family][1], prompts, n)[:, 8:]

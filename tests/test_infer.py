@@ -347,3 +347,26 @@ def test_decoding_alone_subtracts_each_categorys_prefill():
     by_category = {"a": Measured(3.0, 20, 0, 0, 1), "b": Measured(2.0, 10, 0, 0, 1)}
     assert decode_rate(by_category, {"a": 1.0, "b": 1.5}) == 30 / 2.5
     assert decode_rate({"a": Measured(1.0, 5, 0, 0, 1)}, {"a": 1.0}) is None  # no decoding time left
+
+
+def test_ssm_bench_times_tree_and_chain_passes_and_both_rollbacks(tmp_path, capsys):
+    from infer import ssm_bench
+
+    result = ssm_bench.main(
+        ["--json", str(tmp_path / "ssm.json"), "--preset", "hybrid-tiny", "--node-budgets", "4", "--passes", "2", "--runs", "1"]
+    )
+    assert json.loads((tmp_path / "ssm.json").read_text()) == json.loads(json.dumps(result))
+    assert result["layers"] == {"mamba": [1, 2], "attention": [0]}
+    (row,) = result["rows"]
+    assert row["nodes"] == 4 and row["tree_depth"] == 2  # a binary tree of 4 nodes
+    for key in ("chain_pass", "tree_pass", "recompute", "keep"):
+        assert math.isfinite(row[key]) and row[key] > 0
+    assert row["keep_bytes_per_row"] > row["recompute_bytes_per_row"]
+    assert "| 4 |" in capsys.readouterr().out
+
+
+def test_ssm_bench_needs_a_target_with_mamba_layers(tmp_path):
+    from infer import ssm_bench
+
+    with pytest.raises(SystemExit):
+        ssm_bench.main(["--json", str(tmp_path / "x.json"), "--preset", "tiny"])

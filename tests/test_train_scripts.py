@@ -204,7 +204,7 @@ def test_demo_recipe_commands_parse():
     """Every training command of the demo recipe is valid for its script (a typo would otherwise
     surface only after an hour of training)."""
     parsers = {"train.pretrain": pretrain, "train.distill": distill, "train.vocab_trim": vocab_trim}
-    for name in jspec.demo.CODE_MODELS:
+    for name in demo_models.RECIPE:
         cmd = demo_models.command(name, "runs")
         assert cmd[:2] == ["python", "-m"]
         args = parsers[cmd[2]].build_parser().parse_args(cmd[3:])
@@ -216,7 +216,7 @@ def test_demo_export_copies_models_prompts_and_summaries(tmp_path):
     (runs).mkdir()
     (runs / "tokenizer.json").write_text((jspec.demo.DEMO_DIR / "tokenizer.json").read_text())
     config = jspec.models.preset("tiny")
-    for i, name in enumerate(jspec.demo.CODE_MODELS):
+    for i, name in enumerate(demo_models.RECIPE):
         jspec.models.save(jspec.models.Transformer(config, rngs=nnx.Rngs(i)), runs / name / "model")
         (runs / name / "summary.json").write_text(json.dumps({"seed": i}))
     demo_models.export(str(runs), str(demo_dir), n_prompts=4)

@@ -7,7 +7,8 @@
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])
 
 The small code models are a target and three drafters trained on the Python standard library's
-source, bundled in the package (fast enough for tests):
+source, bundled in the package (fast enough for tests), and a hybrid target of Mamba-2 and
+attention layers trained on the same source (`jspec.demo.load("hybrid")`, drafted by "drafter"):
 
     target = jspec.demo.load("target")
     drafter = jspec.demo.load("drafter-distilled")
@@ -38,10 +39,13 @@ from jspec.training.tokenizer import load_tokenizer
 
 CODE_MODELS = ("target", "drafter", "drafter-distilled", "drafter-trimmed")
 DRAFTERS = CODE_MODELS[1:]
+# A hybrid state-space target (Mamba-2 and attention layers) trained on the same code; it drafts
+# with the attention-only code drafters (`jspec.models.mamba2`).
+HYBRID = "hybrid"
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_DRAFTER = "smollm2-135m-drafter"
 SMOLLM2_EAGLE = "smollm2-135m-eagle"
-MODELS = (SMOLLM2, SMOLLM2_DRAFTER, SMOLLM2_EAGLE) + CODE_MODELS
+MODELS = (SMOLLM2, SMOLLM2_DRAFTER, SMOLLM2_EAGLE) + CODE_MODELS + (HYBRID,)
 DEMO_DIR = pathlib.Path(__file__).parent
 
 
@@ -148,6 +152,7 @@ def card(name: str) -> str:
 __all__ = [
     "CODE_MODELS",
     "DRAFTERS",
+    "HYBRID",
     "MODELS",
     "SMOLLM2",
     "SMOLLM2_DRAFTER",

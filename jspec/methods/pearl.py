@@ -145,7 +145,7 @@ class PEARL:
 
         # Commit: the root and the accepted pending drafts (a new root never is in the cache yet).
         kept = jnp.where(all_accepted, limit - 1, accepted)
-        target_cache = stages.on_target(lambda: commit(target_cache, jnp.where(active, kept + 1, 0)))
+        target_cache = stages.on_target(lambda: commit(target_cache, jnp.where(active, kept + 1, 0), g))
         # The drafter keeps the root and the kept pending drafts (window slots 0..g-2; a
         # pre-verifying row keeps the root alone).
         path = Accepted(

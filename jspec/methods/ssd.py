@@ -171,7 +171,7 @@ class SSD:
 
         # 3. Commit the accepted prefix, each model on its own device.
         n_new = accepted + 1
-        target_cache = stages.on_target(lambda: commit(target_cache, jnp.where(active, n_new, 0)))
+        target_cache = stages.on_target(lambda: commit(target_cache, jnp.where(active, n_new, 0), k + 1))
         slots = jnp.broadcast_to(jnp.arange(-1, k, dtype=jnp.int32), (b, k + 1))  # node i at window slot i - 1
         kept = Accepted(tokens=chain, slots=slots, accepted=accepted, next_token=next_token, features=None, active=active)
         state = stages.on_drafter(lambda: drafter.commit(state, kept))

@@ -3,7 +3,9 @@
 Llama-style blocks are the default; Qwen2/Qwen3/Gemma/Gemma 2/GPT-2 differ only by the switches
 below (biases, q/k RMSNorm, MLP kind, norm kind, learned positions, embedding scale, RoPE scaling,
 post-norms, soft-capping, sliding windows), so a new family is a config, not a copy of the
-transformer. `jspec.models.hf` maps Hugging Face configs onto these switches.
+transformer. State-space and hybrid models (Mamba-2, Bamba) are configs too: `layer_types` says
+which blocks mix tokens with a Mamba-2 (SSD) layer instead of attention, and the `ssm_*` fields
+size those layers. `jspec.models.hf` maps Hugging Face configs onto these switches.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-MlpKind = Literal["swiglu", "geglu", "gelu"]
+MlpKind = Literal["swiglu", "geglu", "gelu", "none"]  # "none": blocks without an MLP (Mamba-2)
 NormKind = Literal["rms", "layer"]
 PositionKind = Literal["rope", "learned"]
 RopeScalingKind = Literal["linear", "llama3"]
+LayerKind = Literal["attention", "mamba"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +90,26 @@ class ModelConfig:
     # VocabTrim: the output head covers only `head_tokens` of the vocabulary (a token map stored in
     # the model); logits of the other tokens are -inf, so q stays a distribution over vocab_size.
     head_tokens: int | None = None
+    rope_fraction: float = 1.0  # rotate only the first fraction of each head's dims (Bamba: 0.5)
+    # Mamba-2 layers (arXiv 2405.21060). layer_types None: every block is attention.
+    layer_types: tuple[LayerKind, ...] | None = None
+    ssm_state: int = 64  # N, the state size per head
+    ssm_head_dim: int = 64  # P; the layer's inner width is ssm_expand * d_model = heads * P
+    ssm_expand: int = 2
+    ssm_groups: int = 1  # G, groups of heads sharing B and C
+    ssm_conv: int = 4  # the causal depthwise convolution's width
+    ssm_conv_bias: bool = True
+    ssm_proj_bias: bool = False
+    ssm_dt_limit: tuple[float, float] = (0.0, float("inf"))
 
     def __post_init__(self):
         # JSON (checkpoints) turns tuples into lists and dataclasses into dicts; restore them so the
         # config stays hashable (it is static in every jitted function).
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if isinstance(self.sliding_window_layers, list):
-            object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        for name in ("sliding_window_layers", "layer_types", "ssm_dt_limit"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -134,11 +149,72 @@ class ModelConfig:
             bad = [i for i in self.sliding_window_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
             if bad:
                 raise ValueError(f"ModelConfig.sliding_window_layers must be layer indices in [0, n_layers), got {bad!r}")
+        if not (isinstance(self.rope_fraction, (int, float)) and 0 < self.rope_fraction <= 1):
+            raise ValueError(f"ModelConfig.rope_fraction must be in (0, 1], got {self.rope_fraction!r}")
+        if self.positions == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"ModelConfig.rope_fraction * head_dim must be even, got {self.rotary_dim}")
+        self._check_ssm()
         for name in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name} is not a dtype name: {getattr(self, name)!r}") from e
+
+    def _check_ssm(self) -> None:
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.n_layers or any(t not in LayerKind.__args__ for t in self.layer_types):
+            raise ValueError(
+                f"ModelConfig.layer_types must be None or {self.n_layers} entries of {LayerKind.__args__}, "
+                f"got {self.layer_types!r}"
+            )
+        if "mamba" not in self.layer_types:
+            return
+        for name in ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_groups", "ssm_conv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.ssm_inner % self.ssm_head_dim:
+            raise ValueError(
+                f"ModelConfig.ssm_expand * d_model ({self.ssm_inner}) must be a multiple of ssm_head_dim ({self.ssm_head_dim})"
+            )
+        if self.ssm_heads % self.ssm_groups:
+            raise ValueError(f"ModelConfig.ssm_groups ({self.ssm_groups}) must divide the SSM heads ({self.ssm_heads})")
+        low, high = self.ssm_dt_limit
+        if not 0 <= low < high:
+            raise ValueError(f"ModelConfig.ssm_dt_limit must be (low, high) with 0 <= low < high, got {self.ssm_dt_limit!r}")
+
+    @property
+    def kinds(self) -> tuple[LayerKind, ...]:
+        """Each block's token mixer."""
+        return self.layer_types if self.layer_types is not None else ("attention",) * self.n_layers
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, kind in enumerate(self.kinds) if kind == "attention")
+
+    @property
+    def mamba_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, kind in enumerate(self.kinds) if kind == "mamba")
+
+    @property
+    def ssm_inner(self) -> int:
+        """A Mamba-2 layer's inner width (heads * head_dim)."""
+        return self.ssm_expand * self.d_model
+
+    @property
+    def ssm_heads(self) -> int:
+        return self.ssm_inner // self.ssm_head_dim
+
+    @property
+    def ssm_conv_dim(self) -> int:
+        """Channels of the convolution: x, B and C."""
+        return self.ssm_inner + 2 * self.ssm_groups * self.ssm_state
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones)."""
+        return int(self.resolved_head_dim * self.rope_fraction)
 
     @property
     def resolved_head_dim(self) -> int:

@@ -5,8 +5,10 @@
 logits match the Hugging Face model's. Families: Llama (Llama 2/3, with Llama 3.1 and linear RoPE
 scaling), Qwen2 (q/k/v biases, optional sliding window), Qwen3 (q/k RMSNorm), Gemma (scaled
 embeddings, (1 + w) RMSNorm, GeGLU), Gemma 2 (also post-norms, attention and final logit
-soft-capping, sliding-window layers, query_pre_attn_scalar) and GPT-2 (learned positions,
-LayerNorm, GELU, fused Conv1D q/k/v). `to_hf(model, directory)` writes the Llama family (Llama,
+soft-capping, sliding-window layers, query_pre_attn_scalar), GPT-2 (learned positions,
+LayerNorm, GELU, fused Conv1D q/k/v), and the state-space families Mamba-2 (Mamba-2 layers only,
+no MLP) and Bamba (a hybrid of Mamba-2 and attention layers, each followed by a SwiGLU MLP,
+partial RoPE). `to_hf(model, directory)` writes the Llama family (Llama,
 Qwen2, Qwen3) back in the same format, so jspec -> HF -> jspec is exact.
 
 Gemma's RMSNorm multiplies by (1 + w): jspec stores 1 + w as the norm scale, in the parameter
@@ -30,7 +32,7 @@ from flax import nnx
 from jspec.models.config import ModelConfig, RopeScaling
 from jspec.models.transformer import Transformer
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "mamba2", "bamba")
 EXPORT_FAMILIES = ("llama", "qwen2", "qwen3")
 
 _LLAMA_LIKE = ("llama", "qwen2", "qwen3", "gemma", "gemma2")
@@ -106,6 +108,8 @@ def config_from_hf(hf: dict, *, param_dtype: str | None = None, dtype: str | Non
     family = _family(hf)
     param_dtype = param_dtype or _checkpoint_dtype(hf)
     dtype = dtype or param_dtype
+    if family in ("mamba2", "bamba"):
+        return _ssm_config(hf, family, param_dtype, dtype)
     if family == "gpt2":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if hf.get(flag):
@@ -184,6 +188,81 @@ def config_from_hf(hf: dict, *, param_dtype: str | None = None, dtype: str | Non
         sliding_window=window,
         sliding_window_layers=window_layers,
     )
+
+
+def _json_float(value) -> float:
+    """A float from config.json; transformers writes infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
+
+
+def _ssm_config(hf: dict, family: str, param_dtype: str, dtype: str) -> ModelConfig:
+    """Mamba-2 (no attention, no MLP) and Bamba (attention at `attn_layer_indices`, SwiGLU MLPs)."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act must be silu for {family}, got {act!r}")
+    n_layers = hf["num_hidden_layers"]
+    d = hf["hidden_size"]
+    if family == "mamba2":
+        ssm = dict(
+            ssm_state=hf["state_size"],
+            ssm_head_dim=hf["head_dim"],
+            ssm_expand=hf["expand"],
+            ssm_groups=hf["n_groups"],
+            ssm_conv=hf["conv_kernel"],
+            ssm_conv_bias=hf.get("use_conv_bias", True),
+            ssm_proj_bias=hf.get("use_bias", False),
+        )
+        heads, types = hf["num_heads"], ("mamba",) * n_layers
+        # Attention fields unused (no attention layer); no position limit of its own.
+        arch = dict(n_heads=1, n_kv_heads=1, d_ff=1, max_seq_len=1 << 20, mlp="none")
+        eps, tied = hf.get("layer_norm_epsilon", 1e-5), hf.get("tie_word_embeddings", False)
+    else:
+        ssm = dict(
+            ssm_state=hf["mamba_d_state"],
+            ssm_head_dim=hf["mamba_d_head"],
+            ssm_expand=hf["mamba_expand"],
+            ssm_groups=hf["mamba_n_groups"],
+            ssm_conv=hf["mamba_d_conv"],
+            ssm_conv_bias=hf.get("mamba_conv_bias", True),
+            ssm_proj_bias=hf.get("mamba_proj_bias", False),
+        )
+        attn = set(hf.get("attn_layer_indices") or ())
+        heads, types = hf["mamba_n_heads"], tuple("attention" if i in attn else "mamba" for i in range(n_layers))
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("config.json attention_bias / mlp_bias are not supported for bamba")
+        if hf.get("num_experts", 1) != 1:
+            raise ValueError(f"config.json num_experts must be 1 for bamba, got {hf['num_experts']!r}")
+        theta, scaling = _rope(hf)
+        n_heads = hf["num_attention_heads"]
+        arch = dict(
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            d_ff=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"],
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_fraction=float((hf.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5)),
+        )
+        eps, tied = hf.get("rms_norm_eps", 1e-5), hf.get("tie_word_embeddings", False)
+    limit = hf.get("time_step_limit") or (0.0, float("inf"))
+    config = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=n_layers,
+        norm_eps=eps,
+        tie_embeddings=tied,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        layer_types=types,
+        ssm_dt_limit=tuple(_json_float(x) for x in limit),
+        **ssm,
+        **arch,
+    )
+    if config.ssm_heads != heads:
+        raise ValueError(
+            f"config.json: {family} needs expand * hidden_size = heads * head_dim, got {config.ssm_inner} vs {heads} heads"
+        )
+    return config
 
 
 def _export_family(config: ModelConfig) -> str:
@@ -312,7 +391,56 @@ def _gpt2_entries(config: ModelConfig) -> list[Entry]:
     return entries
 
 
+def _mamba2_mixer_entries(js: tuple, hf: str, config: ModelConfig) -> list[Entry]:
+    """One Mamba-2 mixer: jspec path prefix `js`, Hugging Face prefix `hf` (ending in '.')."""
+    entries: list[Entry] = [
+        (js + ("in_proj", "kernel"), hf + "in_proj.weight", "linear"),
+        (js + ("out_proj", "kernel"), hf + "out_proj.weight", "linear"),
+        (js + ("conv_kernel",), hf + "conv1d.weight", "conv"),
+        (js + ("A_log",), hf + "A_log", "copy"),
+        (js + ("dt_bias",), hf + "dt_bias", "copy"),
+        (js + ("D",), hf + "D", "copy"),
+        (js + ("norm", "scale"), hf + "norm.weight", "copy"),
+    ]
+    if config.ssm_conv_bias:
+        entries.append((js + ("conv_bias",), hf + "conv1d.bias", "copy"))
+    if config.ssm_proj_bias:
+        entries.append((js + ("in_proj", "bias"), hf + "in_proj.bias", "copy"))
+        entries.append((js + ("out_proj", "bias"), hf + "out_proj.bias", "copy"))
+    return entries
+
+
+def _ssm_entries(config: ModelConfig, family: str) -> list[Entry]:
+    """Mamba-2 (`backbone.*`, one norm per block) and Bamba (`model.*`, Llama-style attention and MLP)."""
+    if family == "mamba2":
+        entries: list[Entry] = [(("embed", "embedding"), "backbone.embeddings.weight", "copy")]
+        for i in range(config.n_layers):
+            hf, js = f"backbone.layers.{i}.", ("blocks", i)
+            entries.append((js + ("attn_norm", "scale"), hf + "norm.weight", "copy"))
+            entries += _mamba2_mixer_entries(js + ("mamba",), hf + "mixer.", config)
+        entries.append((("final_norm", "scale"), "backbone.norm_f.weight", "copy"))
+    else:
+        entries = [(("embed", "embedding"), "model.embed_tokens.weight", "copy")]
+        for i, kind in enumerate(config.kinds):
+            hf, js = f"model.layers.{i}.", ("blocks", i)
+            entries.append((js + ("attn_norm", "scale"), hf + "input_layernorm.weight", "copy"))
+            entries.append((js + ("mlp_norm", "scale"), hf + "pre_ff_layernorm.weight", "copy"))
+            if kind == "mamba":
+                entries += _mamba2_mixer_entries(js + ("mamba",), hf + "mamba.", config)
+            else:
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    entries.append((js + ("attn", name, "kernel"), hf + f"self_attn.{name}.weight", "linear"))
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                entries.append((js + ("mlp", name, "kernel"), hf + f"feed_forward.{name}.weight", "linear"))
+        entries.append((("final_norm", "scale"), "model.final_layernorm.weight", "copy"))
+    if not config.tie_embeddings:
+        entries.append((("lm_head", "kernel"), "lm_head.weight", "linear"))
+    return entries
+
+
 def _entries(config: ModelConfig, family: str) -> list[Entry]:
+    if family in ("mamba2", "bamba"):
+        return _ssm_entries(config, family)
     return _gpt2_entries(config) if family == "gpt2" else _llama_like_entries(config, family)
 
 
@@ -321,6 +449,8 @@ def _to_jspec(tensor: jax.Array, how: str) -> jax.Array:
         return tensor.T
     if how == "gemma_norm":  # Gemma's RMSNorm multiplies by (1 + w), computed in float32 as HF does
         return 1.0 + tensor.astype(jnp.float32)
+    if how == "conv":  # torch Conv1d's depthwise weight [C, 1, K] -> [K, C]
+        return tensor[:, 0, :].T
     if how.startswith("qkv"):  # [d, 3d] (or [3d]) -> the q, k or v third
         return jnp.split(tensor, 3, axis=-1)[int(how[3:])]
     return tensor

@@ -1,10 +1,18 @@
-"""The KV cache: an explicit pytree, and the pure functions that allocate and commit it.
+"""The model cache: an explicit pytree, and the pure functions that allocate and commit it.
 
 A forward pass writes the keys/values of its T new tokens at slots `lengths[b] .. lengths[b]+T-1`
 of each row but does not move `lengths`. Committing is a separate step: `commit` keeps the first n
 new tokens of each row, `commit_path` keeps an arbitrary accepted path (a tree's root-to-node path)
 by gathering its entries into consecutive slots. Rejected entries are never cleared: they lie past
 `lengths` and are overwritten by the next forward pass.
+
+Mamba-2 layers (`SsmCache`) follow the same protocol. A pass writes, per new token's slot, the
+convolution's input and the SSM's per-token terms (decay log a, input dt * x, and B), and leaves
+the committed state (the state after `lengths` tokens) alone: a token tree is scored against that
+state without one per-node state. Committing a path advances the state over the path's stored
+terms, `h <- exp(sum log a) h + sum_j exp(sum of later log a) (dt x)_j B_j^T`: the state after the
+accepted tokens, recomputed from the last committed state (the "rollback" is that a rejected
+token never entered it). A committed state cannot move back, so `truncate` refuses SSM caches.
 """
 
 from __future__ import annotations
@@ -19,12 +27,32 @@ from jspec.models.config import ModelConfig
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class SsmCache:
+    """The Mamba-2 layers' part of the cache (Lm layers, heads H of P dims, G groups of state N).
+
+    conv: `[Lm, B, S, C]` each slot's convolution input (x, B, C before the convolution; a token's
+    convolution reads its path's last few slots). Per slot, for the tokens not yet committed:
+    log_decay `[Lm, B, S, H]` (dt * A, <= 0), x `[Lm, B, S, H, P]` (dt * x), b `[Lm, B, S, G, N]`.
+    state: float32 `[Lm, B, H, P, N]`, the SSM state after each row's `lengths` committed tokens.
+    """
+
+    conv: jax.Array
+    log_decay: jax.Array
+    x: jax.Array
+    b: jax.Array
+    state: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVCache:
-    """keys, values: `[L, B, S, H_kv, D]`; lengths: int32 `[B]`, committed tokens per row."""
+    """keys, values: `[La, B, S, H_kv, D]` (La attention layers); lengths: int32 `[B]`, committed
+    tokens per row; ssm: the Mamba-2 layers' `SsmCache`, None for attention-only models."""
 
     keys: jax.Array
     values: jax.Array
     lengths: jax.Array
+    ssm: SsmCache | None = None
 
     @property
     def size(self) -> int:
@@ -37,13 +65,25 @@ class KVCache:
 
 
 def init_cache(config: ModelConfig, batch_size: int, size: int, dtype=None) -> KVCache:
-    """An empty cache of `size` slots per row (all `lengths` zero)."""
-    shape = (config.n_layers, batch_size, size, config.n_kv_heads, config.resolved_head_dim)
+    """An empty cache of `size` slots per row (all `lengths` zero, SSM states zero)."""
+    shape = (len(config.attention_layers), batch_size, size, config.n_kv_heads, config.resolved_head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
+    ssm = None
+    if config.mamba_layers:
+        lead = (len(config.mamba_layers), batch_size)
+        h, p, g, n = config.ssm_heads, config.ssm_head_dim, config.ssm_groups, config.ssm_state
+        ssm = SsmCache(  # the SSM terms stay float32: the state sums many of them
+            conv=jnp.zeros(lead + (size, config.ssm_conv_dim), dtype),
+            log_decay=jnp.zeros(lead + (size, h), jnp.float32),
+            x=jnp.zeros(lead + (size, h, p), jnp.float32),
+            b=jnp.zeros(lead + (size, g, n), jnp.float32),
+            state=jnp.zeros(lead + (h, p, n), jnp.float32),
+        )
     return KVCache(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
         lengths=jnp.zeros((batch_size,), jnp.int32),
+        ssm=ssm,
     )
 
 
@@ -76,9 +116,35 @@ def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array
     return buffer.at[index].set(values, mode="drop")
 
 
-def commit(cache: KVCache, n: jax.Array) -> KVCache:
-    """Keep the first `n[b]` new tokens of each row (int32 `[B]`): lengths += n."""
-    return dataclasses.replace(cache, lengths=cache.lengths + n.astype(jnp.int32))
+def commit(cache: KVCache, n: jax.Array, max_new: int | None = None) -> KVCache:
+    """Keep the first `n[b]` new tokens of each row (int32 `[B]`): lengths += n.
+
+    max_new: a static bound on n (the last pass's token count), which sizes the SSM state update;
+    None: the cache size. Attention-only caches ignore it.
+    """
+    n = n.astype(jnp.int32)
+    if cache.ssm is not None:
+        steps = cache.size if max_new is None else max_new
+        path = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (cache.batch_size, steps))
+        cache = dataclasses.replace(cache, ssm=advance_ssm(cache.ssm, cache.lengths[:, None] + path, n))
+    return dataclasses.replace(cache, lengths=cache.lengths + n)
+
+
+def advance_ssm(ssm: SsmCache, slots: jax.Array, n: jax.Array) -> SsmCache:
+    """The SSM state after the tokens at `slots[:, :n]` (int32 `[B, P]`, a path in order; `n` int32
+    `[B]`): h <- exp(sum_j log a_j) h + sum_j exp(sum_{k > j} log a_k) (dt x)_j B_j^T per head."""
+    rows = jnp.arange(slots.shape[0])[:, None]
+    keep = jnp.arange(slots.shape[1])[None, :] < n[:, None]  # [B, P]
+    slots = jnp.clip(slots, 0, ssm.conv.shape[2] - 1)
+    log_a = jnp.where(keep[None, :, :, None], ssm.log_decay[:, rows, slots], 0.0)  # [Lm, B, P, H]
+    total = log_a.sum(axis=2)  # [Lm, B, H]
+    after = total[:, :, None] - jnp.cumsum(log_a, axis=2)  # decay from each token to the path's end
+    weight = jnp.where(keep[None, :, :, None], jnp.exp(after), 0.0)
+    x, b = ssm.x[:, rows, slots], ssm.b[:, rows, slots]  # [Lm, B, P, H, P'], [Lm, B, P, G, N]
+    h, g = x.shape[3], b.shape[3]
+    b = jnp.repeat(b, h // g, axis=3)  # heads share their group's B
+    update = jnp.einsum("lbth,lbthp,lbthn->lbhpn", weight, x, b)
+    return dataclasses.replace(ssm, state=jnp.exp(total)[..., None, None] * ssm.state + update)
 
 
 def commit_path(cache: KVCache, path: jax.Array, path_length: jax.Array) -> KVCache:
@@ -94,16 +160,27 @@ def commit_path(cache: KVCache, path: jax.Array, path_length: jax.Array) -> KVCa
     keep = jnp.arange(p)[None, :] < path_length[:, None]
     dest = jnp.where(keep, new_slots(cache.lengths, p), cache.size)  # slot S: dropped
 
-    def move(buffer):  # [L, B, S, H, D]; all gathers happen before any write
+    def move(buffer):  # [L, B, S, ...]; all gathers happen before any write
         return scatter_set(buffer, (slice(None), rows, dest), buffer[:, rows, source])
 
+    ssm = cache.ssm
+    if ssm is not None:
+        # The state advances over the path's own terms; the convolution inputs move like keys.
+        ssm = advance_ssm(ssm, source, path_length.astype(jnp.int32))
+        ssm = dataclasses.replace(ssm, conv=move(ssm.conv))
     return KVCache(
         keys=move(cache.keys),
         values=move(cache.values),
         lengths=cache.lengths + path_length.astype(jnp.int32),
+        ssm=ssm,
     )
 
 
 def truncate(cache: KVCache, lengths: jax.Array) -> KVCache:
-    """Set the committed length of each row to `lengths [B]` (<= current), dropping what lies past it."""
+    """Set the committed length of each row to `lengths [B]` (<= current), dropping what lies past it.
+
+    Raises ValueError for a cache with Mamba-2 layers: their committed state cannot move back.
+    """
+    if cache.ssm is not None:
+        raise ValueError("cache: a cache with Mamba-2 layers cannot be truncated (an SSM state does not rewind)")
     return dataclasses.replace(cache, lengths=lengths.astype(jnp.int32))

@@ -14,6 +14,20 @@ PRESETS: dict[str, ModelConfig] = {
     "target-7m": ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=1024),
     # ~1.5M parameters (1.0M of them the tied embedding); ~8,000 training tokens/s on 2 CPU cores.
     "drafter-1.5m": ModelConfig(vocab_size=8192, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=384, max_seq_len=1024),
+    # A hybrid (Bamba-style: an MLP after every mixer) of 4 Mamba-2 and 2 attention layers, the
+    # bundled state-space demo target; ~7.6M parameters (2.1M of them the tied embedding).
+    "hybrid-7m": ModelConfig(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=768,
+        max_seq_len=1024,
+        layer_types=("mamba", "mamba", "attention", "mamba", "mamba", "attention"),
+        ssm_state=64,
+        ssm_head_dim=64,
+    ),
     # For tests and smoke runs.
     "tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
 }

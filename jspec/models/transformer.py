@@ -9,9 +9,15 @@ A wider mask `[B, T, W]` with `write_at` scores new tokens against uncommitted e
 earlier calls: the W slots after the committed prefix form a window, the new tokens are written at
 window offset `write_at`, and `mask` says which window slots each new token sees. A drafter grows a
 token tree this way, one level per call, without re-scoring the levels before it.
+
+Blocks mix tokens with attention or, where `config.layer_types` says "mamba", with a Mamba-2 layer
+(`jspec.models.mamba2`) that reads the same mask as each token's path: hybrid models score trees in
+one pass too.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +51,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, rotate-half convention (as Hugging Face Llama). x `[B, T, H, D]`, positions `[B, T]`."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    """Rotary embedding, rotate-half convention (as Hugging Face Llama). x `[B, T, H, D]`, positions `[B, T]`.
+
+    With fewer frequencies than D/2 (partial rotary, Bamba) only the first 2 * len(inv_freq) dims rotate.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, R/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotary = 2 * len(inv_freq)
+    x1, x2 = jnp.split(x[..., :rotary].astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary:].astype(jnp.float32)], axis=-1)
     return out.astype(x.dtype)
 
 
@@ -151,13 +161,11 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.positions == "rope":
-            inv_freq = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling)  # a trace-time constant
+            inv_freq = rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)  # a trace-time constant
             q = rope(q, positions, inv_freq)
             k = rope(k, positions, inv_freq)
-        cache = KVCache(
-            keys=write_layer(cache.keys, layer, k, start),
-            values=write_layer(cache.values, layer, v, start),
-            lengths=cache.lengths,
+        cache = dataclasses.replace(
+            cache, keys=write_layer(cache.keys, layer, k, start), values=write_layer(cache.values, layer, v, start)
         )
         keys, values = cache.keys[layer], cache.values[layer]  # [B, S, H_kv, D]
 
@@ -174,6 +182,8 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
+    """The feed-forward layer: SwiGLU, GeGLU or a plain GELU MLP."""
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = config.mlp
         self.gelu_approximate = config.gelu_approximate
@@ -196,26 +206,45 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (no MLP for mlp "none").
 
-    With `post_norms` (Gemma 2) each branch's output is normalised again before the residual add.
+    The mixer is attention (`attn`) or a Mamba-2 layer (`mamba`); `attn_norm` is its input norm
+    either way. With `post_norms` (Gemma 2) each branch's output is normalised again before the
+    residual add.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, kind: str = "attention"):
+        self.kind = kind
         self.attn_norm = _norm(config, config.d_model, rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = _norm(config, config.d_model, rngs)
-        self.mlp = Mlp(config, rngs=rngs)
+        if kind == "attention":
+            self.attn = Attention(config, rngs=rngs)
+        else:
+            from jspec.models.mamba2 import Mamba2Mixer  # it builds on this module's dense layer
+
+            self.mamba = Mamba2Mixer(config, rngs=rngs)
+        self.has_mlp = config.mlp != "none"
+        if self.has_mlp:
+            self.mlp_norm = _norm(config, config.d_model, rngs)
+            self.mlp = Mlp(config, rngs=rngs)
         self.post_norms = config.post_norms
         if config.post_norms:
             self.post_attn_norm = _norm(config, config.d_model, rngs)
             self.post_mlp_norm = _norm(config, config.d_model, rngs)
 
-    def __call__(self, x, positions, visible, cache: KVCache, layer: int, start) -> tuple[jax.Array, KVCache]:
-        a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer, start)
+    def __call__(
+        self, x, positions, visible, cache: KVCache, layer: int, start, mask=None, write_at=None
+    ) -> tuple[jax.Array, KVCache]:
+        """`layer` indexes this block's kind of cache (attention or Mamba-2 layers); attention reads
+        `visible [B, T, S]` and writes at `start`, a Mamba-2 layer reads `mask [B, T, W]` and `write_at [B]`."""
+        if self.kind == "attention":
+            a, cache = self.attn(self.attn_norm(x), positions, visible, cache, layer, start)
+        else:
+            a, cache = self.mamba(self.attn_norm(x), mask, cache, layer, write_at)
         if self.post_norms:
             a = self.post_attn_norm(a)
         x = x + a
+        if not self.has_mlp:
+            return x, cache
         m = self.mlp(self.mlp_norm(x))
         if self.post_norms:
             m = self.post_mlp_norm(m)
@@ -249,7 +278,7 @@ class Transformer(nnx.Module):
                 embedding_init=nnx.initializers.normal(0.02),
                 rngs=rngs,
             )
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.blocks = nnx.List([Block(config, rngs=rngs, kind=kind) for kind in config.kinds])
         self.final_norm = _norm(config, config.d_model, rngs)
         if not config.tie_embeddings:
             head = config.vocab_size if config.head_tokens is None else config.head_tokens
@@ -288,15 +317,18 @@ class Transformer(nnx.Module):
         if cfg.positions == "learned":
             x = x + self.position_embed(jnp.clip(positions, 0, cfg.max_seq_len - 1))
         visible = attention_mask(mask, cache.lengths, cache.size)
-        start = cache.lengths + jnp.asarray(write_at, jnp.int32)
+        write_at = jnp.broadcast_to(jnp.asarray(write_at, jnp.int32), cache.lengths.shape)
+        start = cache.lengths + write_at
         check_feature_layers(features, cfg.n_layers)
         hidden = {}
+        ordinal = {kind: 0 for kind in ("attention", "mamba")}  # each kind's cache counts its own layers
         for layer, block in enumerate(self.blocks):
             if layer in features:
                 hidden[layer] = x
             window = cfg.layer_window(layer)
             layer_visible = visible if window is None else sliding_window_mask(visible, positions, window)
-            x, cache = block(x, positions, layer_visible, cache, layer, start)
+            x, cache = block(x, positions, layer_visible, cache, ordinal[block.kind], start, mask, write_at)
+            ordinal[block.kind] += 1
         if cfg.n_layers in features:
             hidden[cfg.n_layers] = self.final_norm(x)
         if logits_at is not None:
@@ -335,8 +367,6 @@ def causal_mask(batch_size: int, t: int) -> jax.Array:
 def cast(model: Transformer, dtype: str) -> Transformer:
     """A copy of `model` with parameters and activations in `dtype` (a dtype name, e.g. "bfloat16");
     integer variables (a trimmed head's token map) keep theirs."""
-    import dataclasses
-
     config = dataclasses.replace(model.config, param_dtype=dtype, dtype=dtype)
     graph, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
     params = nnx.state(model).to_pure_dict()
