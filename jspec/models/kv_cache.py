@@ -119,8 +119,8 @@ def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array
 def commit(cache: KVCache, n: jax.Array, max_new: int | None = None) -> KVCache:
     """Keep the first `n[b]` new tokens of each row (int32 `[B]`): lengths += n.
 
-    max_new: a static bound on n (the last pass's token count), which sizes the SSM state update;
-    None: the cache size. Attention-only caches ignore it.
+    max_new: a static bound on n (the last pass's token count; n must not exceed it), which sizes
+    the SSM state update; None: the cache size. Attention-only caches ignore it.
     """
     n = n.astype(jnp.int32)
     if cache.ssm is not None:
