@@ -88,12 +88,15 @@ def rollback_seconds(target, prompts: jax.Array, cache_size: int, tree: Tree, pa
     b, n = tree.tokens.shape
     deepest = jnp.argmax(tree.depth, axis=1)
     path_length = tree.depth[jnp.arange(b), deepest] + 1
-    slots = cache.lengths[:, None] + jnp.broadcast_to(jnp.arange(n), (b, n))  # a path's slots (which ones does not matter)
+    depth = int(path_length.max())
+    slots = cache.lengths[:, None] + jnp.broadcast_to(
+        jnp.arange(depth), (b, depth)
+    )  # a path's slots (which ones does not matter)
     ssm = cache.ssm
 
     def recompute():
         nonlocal ssm
-        ssm = _recompute_loop(ssm, slots[:, : int(path_length.max())], path_length, passes)
+        ssm = _recompute_loop(ssm, slots, path_length, passes)
         return ssm.state
 
     recompute_s = statistics.median(time_calls(recompute, runs)[0]) / passes

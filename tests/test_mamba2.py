@@ -86,30 +86,28 @@ def test_cached_incremental_decoding_equals_a_full_pass(model):
     np.testing.assert_allclose(np.concatenate(outputs, 1), full[:, 5:], atol=2e-5)
 
 
+def score_tree(model, seed: int, b: int = 2):
+    """Random tokens `[B, N]` on the PARENTS tree, scored in one pass after 6 committed prompt
+    tokens. Returns (nodes, root paths, logits, cache)."""
+    nodes = np.random.default_rng(seed).integers(0, 64, (b, len(PARENTS))).astype(np.int32)
+    paths = root_paths(PARENTS)
+    depth = jnp.asarray([len(p) - 1 for p in paths])[None].repeat(b, 0)
+    logits, cache = forward(model, jnp.asarray(nodes), 6 + depth, ancestor_mask(PARENTS, b), prefill(model, TOKENS, 6))
+    return nodes, paths, logits, cache
+
+
 def test_a_tree_pass_gives_every_node_the_outputs_of_its_root_path(model):
     """Random tokens on a branching tree after a committed prefix: each node's logits equal those of
     a causal pass over the prefix and the node's root path alone."""
-    b, n = 2, len(PARENTS)
-    rng = np.random.default_rng(0)
-    nodes = rng.integers(0, 64, (b, n)).astype(np.int32)
-    paths = root_paths(PARENTS)
-    depth = np.array([len(p) - 1 for p in paths])
-    mask = ancestor_mask(PARENTS, b)
-    cache = prefill(model, TOKENS, 6)
-    logits, _ = forward(model, jnp.asarray(nodes), jnp.asarray(6 + depth)[None].repeat(b, 0), mask, cache)
+    nodes, paths, logits, _ = score_tree(model, seed=0)
     for node, path in enumerate(paths):
         reference = causal_logits(model, np.concatenate([TOKENS[:, :6], nodes[:, path]], 1))[:, -1]
         np.testing.assert_allclose(np.asarray(logits[:, node]), np.asarray(reference), atol=2e-5, err_msg=f"node {node}")
 
 
 def test_committing_a_path_continues_as_if_only_that_path_had_been_fed(model):
-    b, n = 2, len(PARENTS)
-    nodes = np.random.default_rng(1).integers(0, 64, (b, n)).astype(np.int32)
-    paths = root_paths(PARENTS)
-    depth = np.array([len(p) - 1 for p in paths])
-    mask = ancestor_mask(PARENTS, b)
-    cache = prefill(model, TOKENS, 6)
-    _, cache = forward(model, jnp.asarray(nodes), jnp.asarray(6 + depth)[None].repeat(b, 0), mask, cache)
+    b = 2
+    nodes, paths, _, cache = score_tree(model, seed=1, b=b)
     # Row 0 keeps the path to node 6 (0 -> 1 -> 4 -> 6), row 1 the root and node 2 only.
     kept = [paths[6], paths[2]]
     path = jnp.asarray([kept[0], kept[1] + [0, 0]], jnp.int32)

@@ -195,6 +195,17 @@ def _json_float(value) -> float:
     return float(value["__float__"] if isinstance(value, dict) else value)
 
 
+# The Mamba-2 layer's config.json keys per family, for (ssm_state, ssm_head_dim, ssm_expand,
+# ssm_groups, ssm_conv, heads) and, with their defaults, (ssm_conv_bias, ssm_proj_bias).
+_SSM_KEYS = {
+    "mamba2": (("state_size", "head_dim", "expand", "n_groups", "conv_kernel", "num_heads"), ("use_conv_bias", "use_bias")),
+    "bamba": (
+        ("mamba_d_state", "mamba_d_head", "mamba_expand", "mamba_n_groups", "mamba_d_conv", "mamba_n_heads"),
+        ("mamba_conv_bias", "mamba_proj_bias"),
+    ),
+}
+
+
 def _ssm_config(hf: dict, family: str, param_dtype: str, dtype: str) -> ModelConfig:
     """Mamba-2 (no attention, no MLP) and Bamba (attention at `attn_layer_indices`, SwiGLU MLPs)."""
     act = hf.get("hidden_act", "silu")
@@ -202,32 +213,25 @@ def _ssm_config(hf: dict, family: str, param_dtype: str, dtype: str) -> ModelCon
         raise ValueError(f"config.json hidden_act must be silu for {family}, got {act!r}")
     n_layers = hf["num_hidden_layers"]
     d = hf["hidden_size"]
+    (state, head_dim, expand, groups, conv, heads), (conv_bias, proj_bias) = _SSM_KEYS[family]
+    ssm = dict(
+        ssm_state=hf[state],
+        ssm_head_dim=hf[head_dim],
+        ssm_expand=hf[expand],
+        ssm_groups=hf[groups],
+        ssm_conv=hf[conv],
+        ssm_conv_bias=hf.get(conv_bias, True),
+        ssm_proj_bias=hf.get(proj_bias, False),
+    )
+    heads = hf[heads]
     if family == "mamba2":
-        ssm = dict(
-            ssm_state=hf["state_size"],
-            ssm_head_dim=hf["head_dim"],
-            ssm_expand=hf["expand"],
-            ssm_groups=hf["n_groups"],
-            ssm_conv=hf["conv_kernel"],
-            ssm_conv_bias=hf.get("use_conv_bias", True),
-            ssm_proj_bias=hf.get("use_bias", False),
-        )
-        heads, types = hf["num_heads"], ("mamba",) * n_layers
+        types = ("mamba",) * n_layers
         # Attention fields unused (no attention layer); no position limit of its own.
         arch = dict(n_heads=1, n_kv_heads=1, d_ff=1, max_seq_len=1 << 20, mlp="none")
         eps, tied = hf.get("layer_norm_epsilon", 1e-5), hf.get("tie_word_embeddings", False)
     else:
-        ssm = dict(
-            ssm_state=hf["mamba_d_state"],
-            ssm_head_dim=hf["mamba_d_head"],
-            ssm_expand=hf["mamba_expand"],
-            ssm_groups=hf["mamba_n_groups"],
-            ssm_conv=hf["mamba_d_conv"],
-            ssm_conv_bias=hf.get("mamba_conv_bias", True),
-            ssm_proj_bias=hf.get("mamba_proj_bias", False),
-        )
         attn = set(hf.get("attn_layer_indices") or ())
-        heads, types = hf["mamba_n_heads"], tuple("attention" if i in attn else "mamba" for i in range(n_layers))
+        types = tuple("attention" if i in attn else "mamba" for i in range(n_layers))
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ValueError("config.json attention_bias / mlp_bias are not supported for bamba")
         if hf.get("num_experts", 1) != 1:

@@ -19,6 +19,8 @@ committed state `h_0` only moves when a path is committed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,10 +36,11 @@ def path_slots(mask: jax.Array, lengths: jax.Array, lags: int) -> jax.Array:
     """The slot of each new token's `lag`-th predecessor along its path, for lag 0 .. lags-1.
 
     mask: bool `[B, T, W]`, the window slots (after the committed prefix) each new token sees, its
-    own slot included (wherever the token was written); lengths: int32 `[B]`. A path's window slots are its ancestors in
-    slot order, so the lag-th predecessor of a token with a window ancestors is its ancestor of rank
-    a - lag, or, past the window's start, the committed slot lengths - 1 - (lag - a). Returns int32
-    `[B, T, lags]`; -1 before the sequence's start (the convolution's zero padding).
+    own slot included (wherever the token was written); lengths: int32 `[B]`. A path's window slots
+    are its ancestors in slot order, so the lag-th predecessor of a token with a window ancestors is
+    its ancestor of rank a - lag, or, past the window's start, the committed slot
+    lengths - 1 - (lag - a). Returns int32 `[B, T, lags]`; -1 before the sequence's start (the
+    convolution's zero padding).
     """
     rank = jnp.cumsum(mask.astype(jnp.int32), axis=-1)  # [B, T, W], 1-based rank of each ancestor
     count = rank[..., -1]  # [B, T] window ancestors, the token itself included
@@ -49,6 +52,21 @@ def path_slots(mask: jax.Array, lengths: jax.Array, lags: int) -> jax.Array:
     return jnp.where(slot >= 0, slot, -1)
 
 
+def path_decay(log_decay: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Decays along each new token's path: `total [B, T, H]`, its summed log-decays S_i (from the
+    committed state through the token), and `weight [B, T, W, H]`, exp(S_i - S_j) for each window
+    ancestor j (0 elsewhere). log_decay: `[B, W, H]`, the window slots' log a; mask: bool `[B, T, W]`.
+
+    One masked cumulative sum gives every ancestor's prefix along the path; the exponent is masked
+    before the exp so that nothing overflows.
+    """
+    masked = jnp.where(mask[..., None], log_decay[:, None], 0.0)  # [B, T, W, H]
+    upto = jnp.cumsum(masked, axis=2)  # log-decay from the committed state through each ancestor
+    total = upto[:, :, -1]
+    weight = jnp.exp(jnp.where(mask[..., None], total[:, :, None] - upto, _NEG_INF))
+    return total, weight
+
+
 def tree_ssm_scan(
     log_decay: jax.Array,  # [B, W, H] window slots' log a
     x: jax.Array,  # [B, W, H, P] window slots' dt * x
@@ -57,17 +75,9 @@ def tree_ssm_scan(
     state: jax.Array,  # [B, H, P, N] the committed state
     mask: jax.Array,  # bool [B, T, W]
 ) -> jax.Array:
-    """The SSM output (without the D skip) of each new token over its path: `[B, T, H, P]`.
-
-    `S_i` (all of i's ancestors' log-decays) and each ancestor's prefix sum along i's path come
-    from one masked cumulative sum; the decay weights are exp of their differences, masked before
-    the exp so that nothing overflows.
-    """
+    """The SSM output (without the D skip) of each new token over its path: `[B, T, H, P]`."""
     h, g = x.shape[2], b.shape[2]
-    masked = jnp.where(mask[..., None], log_decay[:, None], 0.0)  # [B, T, W, H]
-    upto = jnp.cumsum(masked, axis=2)  # log-decay from the committed state through each ancestor
-    total = upto[:, :, -1]  # [B, T, H] S_i
-    weight = jnp.exp(jnp.where(mask[..., None], total[:, :, None] - upto, _NEG_INF))  # [B, T, W, H]
+    total, weight = path_decay(log_decay, mask)
     cb = jnp.einsum("btgn,bwgn->btwg", c, b)
     cb = jnp.repeat(cb, h // g, axis=-1)  # [B, T, W, H]
     y = jnp.einsum("btwh,bwhp->bthp", weight * cb, x)
@@ -83,10 +93,7 @@ def node_states(log_decay: jax.Array, x: jax.Array, b: jax.Array, state: jax.Arr
     `python -m infer.ssm_bench`, and a reference for tests.
     """
     h, g = x.shape[2], b.shape[2]
-    masked = jnp.where(mask[..., None], log_decay[:, None], 0.0)
-    upto = jnp.cumsum(masked, axis=2)
-    total = upto[:, :, -1]
-    weight = jnp.exp(jnp.where(mask[..., None], total[:, :, None] - upto, _NEG_INF))
+    total, weight = path_decay(log_decay, mask)
     b_heads = jnp.repeat(b, h // g, axis=2)  # [B, W, H, N]
     return jnp.exp(total)[..., None, None] * state[:, None] + jnp.einsum("btwh,bwhp,bwhn->bthpn", weight, x, b_heads)
 
@@ -184,4 +191,4 @@ class Mamba2Mixer(nnx.Module):
         y = y + self.D[...].astype(jnp.float32)[:, None] * xs
         y = self.norm(y.reshape(bsz, t, inner), z)
         out = self.out_proj(y.astype(x.dtype)).astype(x.dtype)
-        return out, KVCache(keys=cache.keys, values=cache.values, lengths=lengths, ssm=ssm)
+        return out, dataclasses.replace(cache, ssm=ssm)
