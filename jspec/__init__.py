@@ -1,6 +1,21 @@
 """jspec: lossless speculative decoding for JAX / Flax NNX."""
 
-from jspec import analysis, demo, drafters, eagle, methods, models, parallel, retrieval, rounds, sampling, sharding, trees, verify
+from jspec import (
+    analysis,
+    demo,
+    drafters,
+    eagle,
+    methods,
+    models,
+    parallel,
+    retrieval,
+    rounds,
+    sampling,
+    serve,
+    sharding,
+    trees,
+    verify,
+)
 from jspec.decode import PAD_ID, Output, Stats, generate, speculative_generate
 from jspec.methods.adaptive import AdaptiveK
 from jspec.methods.chain import Chain
@@ -14,8 +29,10 @@ from jspec.methods.rasd import RASD
 from jspec.methods.rest import Rest
 from jspec.methods.rsd import RSD
 from jspec.methods.sequoia import SequoiaTree
+from jspec.methods.smartspec import SmartSpec
 from jspec.methods.ssd import SSD
 from jspec.methods.static_tree import StaticTree
+from jspec.rounds import Autoregressive
 from jspec.sampling import Sampling
 from jspec.verify.lossy import LossySpecDec, LossyTypical
 
@@ -26,6 +43,7 @@ __all__ = [
     "RSD",
     "SSD",
     "AdaptiveK",
+    "Autoregressive",
     "Chain",
     "ConfidenceStop",
     "DynamicTree",
@@ -39,6 +57,7 @@ __all__ = [
     "Rest",
     "Sampling",
     "SequoiaTree",
+    "SmartSpec",
     "StaticTree",
     "Stats",
     "analysis",
@@ -52,6 +71,7 @@ __all__ = [
     "retrieval",
     "rounds",
     "sampling",
+    "serve",
     "sharding",
     "speculative_generate",
     "trees",

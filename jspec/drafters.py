@@ -148,6 +148,17 @@ class ModelDrafter:
         logits, cache = self.model(tokens, positions, mask, state.cache, write_at=write_at)
         return logits, jnp.zeros(tokens.shape + (0,), jnp.float32), dataclasses.replace(state, cache=cache)
 
+    def absorb(self, state: ModelDrafterState, roots: jax.Array, n: jax.Array) -> ModelDrafterState:
+        """Take in rounds that ran without drafting (SmartSpec's k = 0): `roots [B, L]`, the roots
+        of those rounds in order (the first is the root this state was in step with), `n [B]` of
+        them per row. One pass over L tokens brings the state in step with the root after them."""
+        b, width = roots.shape
+        tokens = jnp.concatenate([state.prev[:, None], roots[:, : width - 1]], axis=1)
+        positions = state.cache.lengths[:, None] + jnp.arange(width)
+        _, cache = self.model(tokens, positions, causal_mask(b, width), state.cache, logits_at=jnp.zeros((b, 1), jnp.int32))
+        prev = jnp.take_along_axis(roots, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+        return ModelDrafterState(commit(cache, n, width), jnp.where(n > 0, prev, state.prev))
+
     def commit(self, state: ModelDrafterState, accepted: Accepted) -> ModelDrafterState:
         # Keep the accepted drafts but the last (gathered into place), then rewind to two tokens
         # behind the next round's root; an inactive row goes back to where it was.

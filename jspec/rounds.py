@@ -213,6 +213,7 @@ class Autoregressive:
     tokens_per_round = 1
     tokens_scored = 1
     lossy = False
+    needs_drafter = False
 
     def check(self, sampling: Sampling) -> None:
         del sampling
@@ -223,9 +224,14 @@ class Autoregressive:
 
     def round(self, target, drafter, carry: AutoregressiveCarry, active, sampling, key):
         del drafter
-        b = carry.last.shape[0]
-        logits, cache = target(carry.last[:, None], carry.cache.lengths[:, None], causal_mask(b, 1), carry.cache)
-        cache = commit(cache, active.astype(jnp.int32), 1)
-        token = sample(key, warp(logits[:, 0], sampling))
+        cache, token = plain_step(target, carry.cache, carry.last, active, sampling, key)
         carry = AutoregressiveCarry(cache=cache, last=jnp.where(active, token, carry.last))
-        return carry, token[:, None], jnp.ones((b,), jnp.int32)
+        return carry, token[:, None], jnp.ones_like(token)
+
+
+def plain_step(target: Transformer, cache: KVCache, last: jax.Array, active: jax.Array, sampling, key):
+    """One target pass over `last [B]` (emitted, not yet cached): the cache with it committed for
+    the active rows, and the next token sampled from the warped target `[B]`."""
+    b = last.shape[0]
+    logits, cache = target(last[:, None], cache.lengths[:, None], causal_mask(b, 1), cache)
+    return commit(cache, active.astype(jnp.int32), 1), sample(key, warp(logits[:, 0], sampling))

@@ -39,13 +39,55 @@ class Sampling:
         return self.temperature == 0
 
 
-def warp(logits: jax.Array, sampling: Sampling) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Sampling set per row, as values rather than a compiled-in config (a serving batch whose
+    requests each bring their own, `jspec.serve`): temperature float32 `[B]` (0: the row is
+    greedy) and top_p float32 `[B]` (1: no nucleus cut).
+
+    `greedy` is False, so strategies take their sampling path for every row; a greedy row's warp is
+    one-hot, on which each lossless verifier reduces to greedy verification (token for token).
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k = None
+    greedy = False
+
+    @classmethod
+    def of(cls, samplings) -> RowSampling:
+        """One row per `Sampling` (top_k must be None: it is not a per-row setting)."""
+        for s in samplings:
+            if s.top_k is not None:
+                raise ValueError(f"top_k is not supported per row, got top_k={s.top_k!r}")
+        t = jnp.asarray([s.temperature for s in samplings], jnp.float32)
+        return cls(t, jnp.asarray([1.0 if s.top_p is None else s.top_p for s in samplings], jnp.float32))
+
+
+def _row_warp(logits: jax.Array, sampling: RowSampling) -> jax.Array:
+    """`warp` with each row's own temperature and top_p (logits `[B, ..., V]`, float32)."""
+    per_row = lambda x: x.reshape(x.shape + (1,) * (logits.ndim - 1))  # noqa: E731
+    t = per_row(sampling.temperature)
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    # The nucleus sort over V is skipped when no row cuts (one compiled program either way).
+    top_p = per_row(sampling.top_p)
+    scaled = jax.lax.cond(
+        jnp.any(sampling.top_p < 1), lambda x: jnp.where(top_p < 1, _top_p_filter(x, top_p), x), lambda x: x, scaled
+    )
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.where(t > 0, jax.nn.softmax(scaled, axis=-1), one_hot)
+
+
+def warp(logits: jax.Array, sampling: Sampling | RowSampling) -> jax.Array:
     """Warped probabilities `[..., V]` (float32) from logits `[..., V]`.
 
     Greedy gives one-hot argmax (lowest index on ties), so every lossless verifier reduces to
-    greedy verification on it.
+    greedy verification on it. A `RowSampling` warps each row (leading axis) by its own settings.
     """
     logits = logits.astype(jnp.float32)
+    if isinstance(sampling, RowSampling):
+        return _row_warp(logits, sampling)
     if sampling.greedy:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     logits = logits / sampling.temperature

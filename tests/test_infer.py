@@ -179,10 +179,16 @@ def test_bench_reports_spec_bench_categories_acceptance_and_plots(tmp_path, caps
             "2",
             "--plots",
             str(tmp_path / "plots"),
+            "--dtypes",
+            "float32",
+            "bfloat16",
         ]
     )
-    assert [r["method"] for r in records] == ["ar", "chain-sampling-k3"]
-    ar, chain = records
+    assert [(r["method"], r["dtype"]) for r in records] == [
+        ("ar", "float32"), ("chain-sampling-k3", "float32"), ("ar", "bfloat16"), ("chain-sampling-k3", "bfloat16"),
+    ]  # fmt: skip
+    assert set(records[3]["by_category"]) == {"coding", "writing"} and 1 <= records[3]["tau"] <= 4
+    ar, chain = records[:2]
     assert {c: v["rows"] for c, v in chain["by_category"].items()} == {"coding": 2, "writing": 1}
     assert ar["by_category"]["writing"]["speedup_vs_ar"] == 1.0 and ar["acceptance_by_position"] == []
     a = chain["acceptance_by_position"]
@@ -298,7 +304,7 @@ def test_interactive_needs_a_chat_target():
 
 
 @pytest.mark.slow
-def test_bench_on_smollm2_renders_chat_prompts_in_both_dtypes(tmp_path):
+def test_bench_on_smollm2_renders_chat_prompts_in_bfloat16(tmp_path):
     lines = [
         {"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea."]},
         {"question_id": 2, "category": "writing", "turns": ["beyond --per-category"]},
@@ -308,13 +314,11 @@ def test_bench_on_smollm2_renders_chat_prompts_in_both_dtypes(tmp_path):
     records = bench.main([
         "--json", str(tmp_path / "bench.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"), "--per-category", "1",
         "--ks", "2", "--verifiers", "sampling", "--temperatures", "0", "--node-budgets", "--max-new-tokens", "8",
-        "--repeats", "1", "--dtypes", "float32", "bfloat16", "--cost-passes", "2", "--cost-runs", "1",
+        "--repeats", "1", "--dtypes", "bfloat16", "--cost-passes", "2", "--cost-runs", "1",
     ])  # fmt: skip
-    assert [(r["method"], r["dtype"]) for r in records] == [
-        ("ar", "float32"), ("chain-sampling-k2", "float32"), ("ar", "bfloat16"), ("chain-sampling-k2", "bfloat16"),
-    ]  # fmt: skip
+    assert [(r["method"], r["dtype"]) for r in records] == [("ar", "bfloat16"), ("chain-sampling-k2", "bfloat16")]
     assert records[0]["models"].startswith(CHAT_MODELS_NOTE) and "chat template" in records[0]["prompts"]
-    assert set(records[1]["by_category"]) == {"writing", "qa"} and records[3]["rows"] == 2
+    assert set(records[1]["by_category"]) == {"writing", "qa"} and records[1]["rows"] == 2
     assert all(1 <= r["tau"] <= 3 and r["tokens_per_s"] > 0 for r in records)
 
 
@@ -370,3 +374,22 @@ def test_ssm_bench_needs_a_target_with_mamba_layers(tmp_path):
 
     with pytest.raises(SystemExit):
         ssm_bench.main(["--json", str(tmp_path / "x.json"), "--preset", "tiny"])
+
+
+def test_serve_bench_measures_every_method_at_every_concurrency(tmp_path):
+    from infer import serve_bench
+
+    records = serve_bench.main([
+        "--preset", "tiny", "--json", str(tmp_path / "s.json"), "--concurrency", "2", "--max-new-tokens", "6",
+        "--max-len", "64", "--min-requests", "3", "--requests-per-client", "1", "--plots", str(tmp_path / "plots"),
+    ])  # fmt: skip
+    assert [(r["method"], r["concurrency"]) for r in records] == [("ar", 2), ("chain", 2), ("smartspec", 2)]
+    assert json.loads((tmp_path / "s.json").read_text()) == records
+    for r in records:
+        # 2 clients, at least 3 requests: 2 each, 6 tokens per request.
+        assert r["requests"] == 4 and r["completion_tokens"] == 24 and r["tokens_per_second"] > 0
+        assert r["ttft_ms"]["p50"] > 0 and r["outputs_equal_ar"]  # greedy: every method's outputs are AR's
+        assert r["speedup"] > 0 and 1 <= r["tau"] <= 3 and len(r["costs"]["t_target"]) == 4
+    smartspec = [r for r in records if r["method"] == "smartspec"]
+    assert all(sum(r["rounds_per_k"]) > 0 and r["predicted_speedup"] > 0 for r in smartspec)
+    assert (tmp_path / "plots" / "throughput.png").read_bytes()[:4] == b"\x89PNG"

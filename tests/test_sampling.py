@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jspec.sampling import Sampling, residual, sample, sample_without_replacement, warp
+from jspec.sampling import RowSampling, Sampling, residual, sample, sample_without_replacement, warp
 
 from conftest import chi_square_pvalue
 
@@ -166,3 +166,16 @@ def test_sample_without_replacement_has_the_law_of_gumbel_top_k(draw):
 def test_sample_without_replacement_past_the_support_gives_zero_mass_tokens():
     x = np.asarray(sample_without_replacement(jax.random.key(1), jnp.asarray([[0.0, 0.7, 0.0, 0.3]]), 3))[0]
     assert sorted(x[:2]) == [1, 3] and x[2] in (0, 2)
+
+
+def test_row_sampling_warps_each_row_by_its_own_settings():
+    """RowSampling: row i's warp is `warp` with row i's Sampling (greedy, nucleus, plain), over
+    logits with extra axes; one row cutting does not cut a row with top_p 1."""
+    logits = jnp.concatenate([LOGITS, LOGITS[:1] * 0.5], axis=0)[:, None, :].repeat(2, axis=1)  # [3, 2, 5]
+    rows = [Sampling(), Sampling(temperature=0.7, top_p=0.6), Sampling(temperature=1.3)]
+    warped = warp(logits, RowSampling.of(rows))
+    for i, s in enumerate(rows):
+        np.testing.assert_allclose(np.asarray(warped[i]), np.asarray(warp(logits[i], s)), atol=1e-6)
+    assert np.asarray(warped[2] > 0).all()
+    with pytest.raises(ValueError, match="top_k"):
+        RowSampling.of([Sampling(temperature=1.0, top_k=2)])

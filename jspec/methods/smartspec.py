@@ -1,0 +1,204 @@
+"""The `SmartSpec` strategy: one draft length for the whole batch each round, 0 included, chosen by
+estimated goodput (SmartSpec, "Optimizing Speculative Decoding for Serving LLMs Using Goodput",
+arXiv 2406.14066).
+
+Goodput is the tokens the batch is expected to emit per second of the round. For a row with
+acceptance estimate alpha, a chain of k drafts emits E(alpha, k) = 1 + alpha + ... + alpha^k tokens
+(Leviathan et al. arXiv 2211.17192); the round costs t_target(k + 1), a target pass over k + 1
+tokens, plus k drafter steps, both measured at the batch size being served. Each round picks
+
+    k* = argmax_k  sum over active rows of E(alpha_row, k)  /  (t_target(k + 1) + k t_draft),
+
+k in 0..k_max. Under light load a pass over k + 1 tokens costs about as much as one, so k* is long;
+as the batch grows the target's pass becomes compute-bound, longer chains cost in proportion and k*
+falls to 0: plain decoding, where speculation would slow the batch down.
+
+A k = 0 round runs the target alone, not the drafter. The drafter then falls behind by the rounds'
+roots, kept in a buffer of `lag` tokens per row; before the next drafting round, or when the buffer
+is full, one drafter pass takes them in (`ModelDrafter.absorb`). The acceptance estimate is
+SmartSpec's: exponentially decayed counts of accepted and tried drafts per row (as `AdaptiveK`).
+A k = 0 round observes no acceptance, so there each row's estimate relaxes toward the prior
+(weight `relax` on the old value): once speculation would pay again, the batch probes it.
+
+Lossless: k depends only on earlier rounds (never on this round's draws), a drafting round is a
+chain verified by speculative sampling (the chain walk), and a k = 0 round samples the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jspec.methods.chain import draft_chain, verify_cut_chain
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
+from jspec.validation import check_int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SmartSpecCarry:
+    """The round carry; per row, decayed counts `[B]` of accepted drafts and drafts tried, and the
+    roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`);
+    `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`)."""
+
+    round: RoundCarry
+    accepted: jax.Array
+    tried: jax.Array
+    pending: jax.Array
+    n_pending: jax.Array
+    rounds_per_k: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SmartSpec(SpeculativeStrategy):
+    """A chain whose length, the same for every row of a round, is chosen by goodput (module doc).
+
+    t_target: seconds of a target pass over 1 .. k_max + 1 tokens, and t_draft: seconds of one
+    drafter step, both at the batch size being served (build it with `SmartSpec.from_costs`;
+    `infer.serve_bench` measures them). decay: the weight of the past in the acceptance counts;
+    prior: the acceptance assumed before a row's first drafting round (worth 2 drafts tried); lag:
+    the k = 0 rounds a row's drafter may fall behind before it catches up; relax: the weight a k = 0
+    round keeps of the acceptance counts, the rest going to the prior's. Needs a language-model
+    drafter (one with `absorb`).
+    """
+
+    k_max: int = 4
+    t_target: tuple[float, ...] = ()
+    t_draft: float = 0.0
+    decay: float = 0.85
+    prior: float = 0.5
+    lag: int = 16
+    relax: float = 0.95
+
+    def __post_init__(self):
+        check_int("k_max", self.k_max, 1)
+        check_int("lag", self.lag, 1)
+        if len(self.t_target) != self.k_max + 1 or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 for t in self.t_target
+        ):
+            raise ValueError(
+                f"t_target must hold k_max + 1 = {self.k_max + 1} positive seconds (passes over 1 .. k_max + 1 tokens), "
+                f"got {self.t_target!r}"
+            )
+        if isinstance(self.t_draft, bool) or not isinstance(self.t_draft, (int, float)) or not self.t_draft >= 0:
+            raise ValueError(f"t_draft must be a number of seconds >= 0, got {self.t_draft!r}")
+        for name in ("decay", "prior", "relax"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+    @classmethod
+    def from_costs(cls, t_draft: float, t_target, k_max: int | None = None, **kwargs) -> SmartSpec:
+        """From measured costs at the served batch size: t_draft, seconds per drafter step, and
+        t_target `[n]`, seconds of a target pass over 1 .. n tokens; k_max defaults to n - 1."""
+        k_max = len(t_target) - 1 if k_max is None else k_max
+        if not 1 <= k_max <= len(t_target) - 1:
+            raise ValueError(f"k_max must be in 1..len(t_target) - 1 = {len(t_target) - 1}, got {k_max}")
+        return cls(k_max=k_max, t_target=tuple(float(t) for t in t_target[: k_max + 1]), t_draft=float(t_draft), **kwargs)
+
+    @property
+    def tokens_per_round(self) -> int:
+        return self.k_max + 1
+
+    @property
+    def tokens_scored(self) -> int:
+        return max(self.k_max + 1, self.lag)  # the drafter's catch-up pass writes `lag` slots
+
+    @property
+    def score_sizes(self) -> tuple[int, ...]:
+        return prefix_sizes(self.k_max + 1)
+
+    def round_seconds(self) -> jax.Array:
+        """float32 `[k_max + 1]`: the modelled cost of a round at each k."""
+        k = jnp.arange(self.k_max + 1, dtype=jnp.float32)
+        return jnp.asarray(self.t_target, jnp.float32) + k * self.t_draft
+
+    def goodput(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
+        """float32 `[k_max + 1]`: expected tokens per second of the round at each k, over the
+        active rows (`active [B]`) and their acceptance estimates."""
+        alpha = carry.accepted / jnp.maximum(carry.tried, 1e-6)  # [B]
+        powers = alpha[:, None] ** jnp.arange(self.k_max + 1, dtype=jnp.float32)  # [B, K + 1]
+        expected = jnp.cumsum(powers, axis=1)  # E(alpha, k) = 1 + alpha + ... + alpha^k
+        return jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0) / self.round_seconds()
+
+    def choose_k(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
+        """int32 `[]`: this round's draft length (0: plain decoding), the goodput's argmax (the
+        shortest on ties)."""
+        return jnp.argmax(self.goodput(carry, active)).astype(jnp.int32)
+
+    def init(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
+        if not hasattr(drafter, "absorb"):
+            raise ValueError(
+                f"SmartSpec needs a language-model drafter (a jspec.models.Transformer), got {type(drafter).__name__}"
+            )
+        carry = super().init(target, drafter, prefill, first_token, sampling)
+        b = first_token.shape[0]
+        return SmartSpecCarry(
+            round=carry,
+            accepted=jnp.full((b,), 2.0 * self.prior),
+            tried=jnp.full((b,), 2.0),
+            pending=jnp.zeros((b, self.lag), jnp.int32),
+            n_pending=jnp.zeros((b,), jnp.int32),
+            rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
+        )
+
+    def stats(self, carry: SmartSpecCarry) -> jax.Array:
+        """`Stats.strategy`: rounds run at each k, int32 `[k_max + 1]`."""
+        return carry.rounds_per_k
+
+    def _catch_up(self, drafter, carry: SmartSpecCarry, active: jax.Array, when: jax.Array) -> SmartSpecCarry:
+        """Feed the active rows' pending roots to the drafter if `when` (bool `[]`)."""
+
+        def absorb(carry: SmartSpecCarry) -> SmartSpecCarry:
+            n = jnp.where(active, carry.n_pending, 0)
+            state = drafter.absorb(carry.round.drafter, carry.pending, n)
+            return dataclasses.replace(
+                carry, round=dataclasses.replace(carry.round, drafter=state), n_pending=carry.n_pending - n
+            )
+
+        return jax.lax.cond(when, absorb, lambda carry: carry, carry)
+
+    def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
+        k = self.choose_k(carry, active)
+        width = self.tokens_per_round
+        b = active.shape[0]
+
+        def speculate(carry: SmartSpecCarry):
+            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending > 0)))
+            key_draft, key_verify = jax.random.split(key)
+            inner = carry.round
+            limit = jnp.full((b,), k, jnp.int32)
+            drafted = draft_chain(drafter, inner.drafter, inner.last, self.k_max, sampling, key_draft, limit=limit)
+            logits, cache, features = score_tree(target, inner.target_cache, drafted, drafter.feature_layers, self.score_sizes)
+            verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
+            inner, tokens, n_new = commit_round(inner, drafter, drafted, cache, features, verdict, active, width)
+            tried = jnp.where(verdict.accepted < k, verdict.accepted + 1, k).astype(jnp.float32)
+            update = lambda old, new: jnp.where(active, self.decay * old + new, old)  # noqa: E731
+            carry = dataclasses.replace(
+                carry, round=inner, accepted=update(carry.accepted, verdict.accepted.astype(jnp.float32)),
+                tried=update(carry.tried, tried),
+            )  # fmt: skip
+            return carry, tokens, n_new
+
+        def plain(carry: SmartSpecCarry):
+            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending >= self.lag)))
+            inner = carry.round
+            cache, token = plain_step(target, inner.target_cache, inner.last, active, sampling, key)
+            rows = jnp.arange(b)
+            pending = carry.pending.at[rows, jnp.where(active, carry.n_pending, self.lag)].set(inner.last, mode="drop")
+            carry = dataclasses.replace(
+                carry,
+                round=dataclasses.replace(inner, target_cache=cache, last=jnp.where(active, token, inner.last)),
+                pending=pending,
+                n_pending=carry.n_pending + active.astype(jnp.int32),
+                accepted=self.relax * carry.accepted + (1 - self.relax) * 2.0 * self.prior,
+                tried=self.relax * carry.tried + (1 - self.relax) * 2.0,
+            )
+            tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(token)
+            return carry, tokens, jnp.ones((b,), jnp.int32)
+
+        carry, tokens, n_new = jax.lax.cond(k > 0, speculate, plain, carry)
+        carry = dataclasses.replace(carry, rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)))
+        return carry, tokens, n_new

@@ -1,0 +1,92 @@
+"""SmartSpec (`jspec.methods.smartspec`): exact at T=0 while k switches between 0 and longer
+chains, the target's law at T=1, k chosen by goodput from the measured costs, and the drafter's
+catch-up after plain rounds (`ModelDrafter.absorb`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_decode import first3_pvalue
+
+import jspec
+from jspec.drafters import ModelDrafter, Prefill, prefill_model
+from jspec.methods.smartspec import SmartSpecCarry
+
+from conftest import TINY, assert_greedy_matches_target, causal_logits, random_model
+
+PROMPTS = np.asarray(jax.random.randint(jax.random.key(5), (3, 10), 0, 64), np.int32)
+LENGTHS = np.array([10, 3, 6], np.int32)
+CHEAP = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2, 1.3])  # a target pass barely grows with its tokens
+
+
+def carry_with(alpha: list[float]) -> SmartSpecCarry:
+    tried = jnp.full((len(alpha),), 10.0)
+    return SmartSpecCarry(None, 10.0 * jnp.asarray(alpha), tried, None, None, None)
+
+
+def test_greedy_output_equals_the_target_s_while_k_switches():
+    """lag=3: plain rounds fill the drafter's buffer and force catch-ups mid-run."""
+    assert_greedy_matches_target(random_model(TINY, seed=0), jspec.SmartSpec.from_costs(**CHEAP, lag=3), PROMPTS, LENGTHS)
+
+
+def test_k_is_the_goodput_argmax_of_the_cost_model():
+    cheap = jspec.SmartSpec.from_costs(**CHEAP)
+    active = jnp.ones((2,), bool)
+    ks = [int(cheap.choose_k(carry_with([a, a]), active)) for a in (0.0, 0.3, 0.6, 0.9, 1.0)]
+    assert ks[0] == 0 and ks[-1] == 4 and ks == sorted(ks)  # longer chains as acceptance grows
+    # By hand at alpha 0.6: E(k) = 1, 1.6, 1.96, 2.176, 2.306 over costs 1, 1.3, 1.55, 1.8, 2.1.
+    expected = np.asarray([1.0, 1.6, 1.96, 2.176, 2.3056]) / np.asarray([1.0, 1.3, 1.55, 1.8, 2.1])
+    np.testing.assert_allclose(np.asarray(cheap.goodput(carry_with([0.6, 0.6]), active)) / 2, expected, rtol=1e-5)
+    assert int(cheap.choose_k(carry_with([0.6, 0.6]), active)) == int(np.argmax(expected))
+    # A compute-bound batch (a pass costs in proportion to its tokens): never speculate.
+    busy = jspec.SmartSpec.from_costs(0.05, [1.0, 2.0, 3.0, 4.0])
+    assert all(int(busy.choose_k(carry_with([a, a]), active)) == 0 for a in (0.5, 0.9, 0.99))
+    # Only active rows count: an idle row's high estimate does not lengthen the chain.
+    assert int(cheap.choose_k(carry_with([0.0, 1.0]), jnp.asarray([True, False]))) == 0
+
+
+def test_absorb_brings_the_drafter_in_step():
+    """After plain rounds with roots r1..rm, the drafter's next logits are a full pass's."""
+    model = random_model(TINY, seed=3)
+    prompts = jnp.asarray(PROMPTS[:, :6])
+    roots = jnp.asarray([[7, 11, 12, 0], [8, 21, 0, 0], [9, 0, 0, 0]], jnp.int32)  # rows take in 3, 2, 0 roots
+    n = jnp.asarray([3, 2, 0], jnp.int32)
+    last = jnp.asarray([13, 22, 9], jnp.int32)
+
+    @nnx.jit
+    def next_logits(model):
+        drafter = ModelDrafter(model)
+        lengths = jnp.full((3,), 6, jnp.int32)
+        _, cache, _ = prefill_model(model, prompts, lengths, 40)
+        state = drafter.prefill(Prefill(prompts, lengths, cache, None), roots[:, 0], 4)  # the first root: the first token
+        return drafter.catch_up(drafter.absorb(state, roots, n), last)[0]
+
+    logits = next_logits(model)
+    for row in range(3):
+        seq = list(PROMPTS[row, :6]) + list(roots[row, : int(n[row])]) + [int(last[row])]
+        full = causal_logits(model, jnp.asarray([seq], jnp.int32))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(full), atol=2e-4)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="t_target must hold"):
+        jspec.SmartSpec(k_max=2, t_target=(1.0, 1.1))
+    with pytest.raises(ValueError, match="t_target must hold"):
+        jspec.SmartSpec(k_max=1, t_target=(1.0, -1.0))
+    with pytest.raises(ValueError, match="k_max must be in"):
+        jspec.SmartSpec.from_costs(0.1, [1.0, 1.1], k_max=3)
+    with pytest.raises(ValueError, match="t_draft"):
+        jspec.SmartSpec.from_costs(-0.1, [1.0, 1.1])
+    with pytest.raises(ValueError, match="relax"):
+        jspec.SmartSpec.from_costs(**CHEAP, relax=2.0)
+    with pytest.raises(ValueError, match="lag"):
+        jspec.SmartSpec.from_costs(**CHEAP, lag=0)
+
+
+@pytest.mark.slow
+def test_the_first_three_tokens_follow_the_target_s_law_at_t1():
+    """With an unrelated drafter the estimate falls, so rounds at k = 0 and k > 0 both occur."""
+    assert first3_pvalue(jspec.SmartSpec.from_costs(0.05, [1.0, 1.02, 1.04], lag=2)) > 1e-3
