@@ -46,7 +46,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jspec.serve import Engine, Event
+import jspec
+from jspec.serve import Engine, Event, calibrate_smartspec
 
 log = logging.getLogger("infer.serve")
 
@@ -625,7 +626,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Engine, Any, str]:
     """(engine, tokenizer, description) from the command line."""
-    import jspec
     from infer.models import chat_tokenizer, models_from_args, text_tokenizer
 
     target, drafter, description = models_from_args(parser, args)
@@ -633,10 +633,8 @@ def build_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
         strategy, drafter = jspec.Autoregressive(), None
     elif args.method == "chain":
         strategy = jspec.Chain(k=args.k)
-    else:  # lazily: the cost measurement lives with the serving benchmark
-        from infer.serve_bench import smartspec_strategy
-
-        strategy = smartspec_strategy(target, drafter, slots=args.slots, k_max=args.k, max_len=args.max_len)
+    else:  # its cost model is measured on this engine before serving (`main`: calibrate_smartspec)
+        strategy = jspec.SmartSpec(k_max=args.k, t_target=(1.0,) * (args.k + 1))
     try:
         engine = Engine(
             target, drafter, strategy, slots=args.slots, max_len=args.max_len, rounds_per_step=args.rounds_per_step,
@@ -670,6 +668,9 @@ def main(argv: list[str] | None = None) -> None:
         print("no tokenizer for these models: prompts must be token ids, /v1/chat/completions is refused", flush=True)
     if not args.no_warmup:
         print(f"warm-up (compiling): {warmup(engine):.1f} s", flush=True)
+    if isinstance(engine.strategy, jspec.SmartSpec):  # the cost of a round at each k, on this engine
+        round_ms = [round(1000 * float(t), 1) for t in calibrate_smartspec(engine)]
+        print(f"SmartSpec: a round at k = 0..{args.k} costs {round_ms} ms with {args.slots} busy slots", flush=True)
     app = create_app(engine, tokenizer, model_name=args.model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

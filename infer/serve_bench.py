@@ -14,8 +14,8 @@ time per later token), tau (tokens per target pass per request, prefill excluded
 rounds at each k, and the throughput over AR the cost model predicts from the measured costs and
 tau (`predicted_speedup`).
 
-SmartSpec's costs (`smartspec_strategy`) are measured at the served batch size: a target pass
-over 1 .. k_max + 1 tokens and one drafter step, after a prompt of `COST_CONTEXT` tokens.
+SmartSpec's cost model is measured on the engine that serves it, at its batch size, before the run
+(`jspec.serve.calibrate_smartspec`): whole rounds at each forced k = 0 .. k_max, every slot busy.
 """
 
 from __future__ import annotations
@@ -26,32 +26,19 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jspec
 from infer.bench import default_spec_bench, machine, read_jsonl_prompts
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args
-from infer.timing import forward_seconds
 from jspec.analysis import alpha_from_tau, expected_tau
-from jspec.serve import Engine
-
-COST_CONTEXT = 128  # tokens in the cache when the costs are measured: a typical chat prompt
+from jspec.serve import Engine, calibrate_smartspec
 
 
-def measure_costs(target, drafter, *, slots: int, k_max: int, max_len: int, passes: int = 8, runs: int = 3) -> dict:
-    """Seconds of a target pass over 1 .. k_max + 1 tokens and of one drafter step, at batch `slots`."""
-    prompts = jnp.ones((slots, COST_CONTEXT), jnp.int32)
-    size = max_len + k_max + 2
-    t_target = [forward_seconds(target, prompts, size, n, passes=passes, runs=runs) for n in range(1, k_max + 2)]
-    t_draft = forward_seconds(drafter, prompts, size, 1, passes=passes, runs=runs)
-    return {"t_target": t_target, "t_draft": t_draft}
-
-
-def smartspec_strategy(target, drafter, *, slots: int, k_max: int, max_len: int, costs: dict | None = None) -> jspec.SmartSpec:
-    """`jspec.SmartSpec` from costs measured at batch `slots` (or the given `costs`)."""
-    costs = costs or measure_costs(target, drafter, slots=slots, k_max=k_max, max_len=max_len)
-    return jspec.SmartSpec.from_costs(costs["t_draft"], costs["t_target"][: k_max + 1], k_max=k_max)
+def smartspec_strategy(k_max: int) -> jspec.SmartSpec:
+    """SmartSpec up to k_max drafts, its cost model to be measured on the engine that serves it
+    (`jspec.serve.calibrate_smartspec`; the flat placeholder is never used for serving)."""
+    return jspec.SmartSpec(k_max=k_max, t_target=(1.0,) * (k_max + 1))
 
 
 def percentiles(values: list[float]) -> dict:
@@ -113,10 +100,27 @@ def warm_up(engine: Engine, prompts: list[list[int]], eos_id) -> None:
     engine.completions.clear()
 
 
-def predicted_speedup(costs: dict, k: int, tau: float) -> float:
-    """Throughput over AR the cost model predicts for a chain of k with the measured tau."""
-    t = costs["t_target"]
-    return tau * t[0] / (t[k] + k * costs["t_draft"]) if k > 0 else 1.0
+def predicted_speedup(round_seconds, k: int, tau: float) -> float:
+    """Throughput over AR the cost model predicts for rounds of k drafts emitting tau tokens each,
+    from the measured seconds per round at each k (`round_seconds[0]`: a plain round)."""
+    return tau * round_seconds[0] / round_seconds[k]
+
+
+def add_predictions(rows: list[dict], k: int) -> None:
+    """`predicted_speedup` of the fixed chain and of SmartSpec at one concurrency, from SmartSpec's
+    measured round costs: the chain's from its tau; SmartSpec's, the best k's, with alpha from the
+    chain's tau (`jspec.analysis.alpha_from_tau`)."""
+    by_method = {r["method"]: r for r in rows}
+    if "smartspec" not in by_method:
+        return
+    seconds = by_method["smartspec"]["round_ms"]
+    if "chain" in by_method and k < len(seconds):
+        chain = by_method["chain"]
+        chain["predicted_speedup"] = predicted_speedup(seconds, k, chain["tau"])
+        alpha = alpha_from_tau(min(chain["tau"], k + 1.0), k)
+        by_method["smartspec"]["predicted_speedup"] = max(
+            predicted_speedup(seconds, j, expected_tau(alpha, j) if j else 1.0) for j in range(len(seconds))
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,49 +203,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{description}; {len(prompts)} prompts; {machine()}")
     records = []
     for c in args.concurrency:
-        costs = measure_costs(target, drafter, slots=c, k_max=max(args.k, args.k_max), max_len=args.max_len)
-        t_target = [round(1000 * t, 2) for t in costs["t_target"]]
-        print(f"concurrency {c}: t_target {t_target} ms, t_draft {1000 * costs['t_draft']:.2f} ms")
         strategies = {
             "ar": (None, jspec.Autoregressive()),
             "chain": (drafter, jspec.Chain(k=args.k)),
-            "smartspec": (
-                drafter,
-                smartspec_strategy(target, drafter, slots=c, k_max=args.k_max, max_len=args.max_len, costs=costs),
-            ),
+            "smartspec": (drafter, smartspec_strategy(args.k_max)),
         }
         reference = None
         for method in args.methods:
             engine_drafter, strategy = strategies[method]
             engine = Engine(target, engine_drafter, strategy, slots=c, max_len=args.max_len, rounds_per_step=args.rounds_per_step)
             warm_up(engine, prompts, eos_id)
+            record = {"method": method, "concurrency": c, "slots": c}
+            if method == "smartspec":
+                seconds = calibrate_smartspec(engine)
+                record["round_ms"] = [1000 * float(t) for t in seconds]
+                print(f"concurrency {c}: a round at k = 0..{args.k_max} costs {[round(t, 1) for t in record['round_ms']]} ms")
             per_client = max(args.requests_per_client, -(-args.min_requests // c))
             result = closed_loop(
                 engine, prompts, clients=c, per_client=per_client, max_new_tokens=args.max_new_tokens, eos_id=eos_id
             )
             outputs = result.pop("outputs")
             reference = reference or outputs
-            record = {"method": method, "concurrency": c, "slots": c, **result, "costs": costs, "machine": machine()}
-            record["outputs_equal_ar"] = outputs == reference if method != args.methods[0] else True
-            if method == "chain":
-                record["predicted_speedup"] = predicted_speedup(costs, args.k, result["tau"])
+            record.update(result, machine=machine(), outputs_equal_first=outputs == reference)
             if method == "smartspec":
                 record["rounds_per_k"] = [int(n) for n in engine.strategy_stats()]
-                chain = next((r for r in records if r["concurrency"] == c and r["method"] == "chain"), None)
-                if chain is not None:  # the cost model's best k at the chain's measured acceptance
-                    alpha = alpha_from_tau(min(chain["tau"], args.k + 0.999), args.k)
-                    record["predicted_speedup"] = max(
-                        predicted_speedup(costs, k, expected_tau(alpha, k) if k else 1.0) for k in range(args.k_max + 1)
-                    )
             records.append(record)
             print(
                 f"  {method:9s} {result['tokens_per_second']:7.1f} tok/s  tau {result['tau']:.2f}  "
                 f"TTFT p50 {result['ttft_ms']['p50']:.0f} ms  TPOT p50 {result['tpot_ms']['p50']:.1f} ms"
                 + (f"  rounds per k {record['rounds_per_k']}" if "rounds_per_k" in record else "")
-                + ("" if record["outputs_equal_ar"] else "  OUTPUTS DIFFER")
+                + ("" if record["outputs_equal_first"] else f"  outputs differ from {args.methods[0]}'s")
             )
             del engine
             jax.clear_caches()
+        add_predictions([r for r in records if r["concurrency"] == c], args.k)
         with open(args.json, "w") as f:  # after every concurrency: a stopped run keeps what it measured
             json.dump(records, f, indent=1)
     for c in args.concurrency:

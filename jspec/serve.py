@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -474,3 +475,43 @@ class Engine:
         rounds per k), or None."""
         stats = getattr(self.strategy, "stats", None)
         return None if stats is None else jax.device_get(stats(self.state.carry))
+
+
+def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3) -> np.ndarray:
+    """Measure what a round of the engine's `SmartSpec` costs at each k = 0 .. k_max, with every slot
+    busy, and make it the strategy's cost model (in the engine's state: nothing recompiles).
+
+    A round's real cost is more than the target's pass over k + 1 tokens: the drafter's k steps,
+    verification, committing, sampling and the host's share of each step, all growing with the
+    batch. So the engine runs whole steps at each forced k (`with_forced_k`) on `slots` requests of
+    `prompt_len` tokens and times them (`steps` steps after an untimed one). Returns the seconds per
+    round `[k_max + 1]`. The engine must be idle; it is idle again afterwards, with no completions
+    kept."""
+    from jspec.methods.smartspec import SmartSpec, with_forced_k, with_round_seconds
+
+    strategy = engine.strategy
+    if not isinstance(strategy, SmartSpec):
+        raise ValueError(f"calibrate_smartspec needs an engine with a SmartSpec strategy, got {strategy!r}")
+    if not engine.idle:
+        raise ValueError("calibrate_smartspec needs an idle engine")
+    check_int("steps", steps, 1)
+    prompt_len = min(prompt_len, engine.max_len // 2)
+    seconds = []
+    for k in range(strategy.k_max + 1):
+        engine.state = dataclasses.replace(engine.state, carry=with_forced_k(engine.state.carry, k))
+        max_new = min(engine.max_len - prompt_len, (steps + 2) * engine.rounds_per_step * (k + 1))
+        ids = [engine.submit([0] * prompt_len, max_new_tokens=max_new) for _ in range(engine.slots)]
+        engine.step()  # admits them all: the timed steps only decode
+        start, rounds = time.perf_counter(), int(engine.state.step)
+        for _ in range(steps):
+            engine.step()
+        seconds.append((time.perf_counter() - start) / max(int(engine.state.step) - rounds, 1))
+        for request_id in ids:
+            engine.cancel(request_id)
+        engine.run()
+    carry = with_round_seconds(with_forced_k(engine.state.carry, None), seconds)
+    carry = dataclasses.replace(carry, rounds_per_k=jnp.zeros_like(carry.rounds_per_k))  # count served rounds only
+    engine.state = dataclasses.replace(engine.state, carry=carry)
+    engine.completions.clear()
+    engine._finished.clear()
+    return np.asarray(seconds)

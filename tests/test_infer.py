@@ -388,8 +388,8 @@ def test_serve_bench_measures_every_method_at_every_concurrency(tmp_path):
     for r in records:
         # 2 clients, at least 3 requests: 2 each, 6 tokens per request.
         assert r["requests"] == 4 and r["completion_tokens"] == 24 and r["tokens_per_second"] > 0
-        assert r["ttft_ms"]["p50"] > 0 and r["outputs_equal_ar"]  # greedy: every method's outputs are AR's
-        assert r["speedup"] > 0 and 1 <= r["tau"] <= 3 and len(r["costs"]["t_target"]) == 4
+        assert r["ttft_ms"]["p50"] > 0 and r["outputs_equal_first"]  # greedy: every method's outputs are AR's
+        assert r["speedup"] > 0 and 1 <= r["tau"] <= 3
     smartspec = [r for r in records if r["method"] == "smartspec"]
-    assert all(sum(r["rounds_per_k"]) > 0 and r["predicted_speedup"] > 0 for r in smartspec)
+    assert all(sum(r["rounds_per_k"]) > 0 and r["predicted_speedup"] > 0 and len(r["round_ms"]) == 4 for r in smartspec)
     assert (tmp_path / "plots" / "throughput.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,7 +11,8 @@ import pytest
 from test_decode import PROMPT, _codes, _exact_first3, unrelated_small_pair
 
 import jspec
-from jspec.serve import Engine, Event
+from jspec.methods.smartspec import with_forced_k
+from jspec.serve import Engine, Event, calibrate_smartspec
 
 from conftest import TINY, chi_square_pvalue, perturbed, random_model
 
@@ -172,3 +173,21 @@ def test_unknown_and_finished_requests_cancel_quietly(models):
     engine.cancel(12345)
     assert engine.step() == [] and engine.idle
     assert isinstance(Event(0, ()), Event)
+
+
+def test_calibration_measures_each_k_and_sets_the_cost_model(models):
+    target, _, poor = models
+    engine = Engine(target, poor, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=40, rounds_per_step=2)
+    seconds = calibrate_smartspec(engine, prompt_len=8, steps=2)
+    assert seconds.shape == (4,) and (seconds > 0).all()
+    carry = engine.state.carry
+    np.testing.assert_allclose(np.asarray(carry.round_seconds), seconds, rtol=1e-6)
+    assert int(carry.forced_k) == -1 and not np.asarray(engine.strategy_stats()).any()  # calibration rounds not counted
+    assert engine.idle and engine.completions == {}
+    engine.state = dataclasses.replace(engine.state, carry=with_forced_k(engine.state.carry, 2))
+    engine.submit([1, 2, 3], max_new_tokens=9)
+    engine.run()
+    rounds_per_k = np.asarray(engine.strategy_stats())
+    assert rounds_per_k[2] > 0 and rounds_per_k.sum() == rounds_per_k[2]
+    with pytest.raises(ValueError, match="SmartSpec"):
+        calibrate_smartspec(Engine(target, None, jspec.Autoregressive(), slots=1, max_len=40))

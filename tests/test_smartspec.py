@@ -13,7 +13,7 @@ from test_decode import first3_pvalue
 
 import jspec
 from jspec.drafters import ModelDrafter, Prefill, prefill_model
-from jspec.methods.smartspec import SmartSpecCarry
+from jspec.methods.smartspec import SmartSpecCarry, with_forced_k, with_round_seconds
 
 from conftest import TINY, assert_greedy_matches_target, causal_logits, random_model
 
@@ -22,9 +22,9 @@ LENGTHS = np.array([10, 3, 6], np.int32)
 CHEAP = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2, 1.3])  # a target pass barely grows with its tokens
 
 
-def carry_with(alpha: list[float]) -> SmartSpecCarry:
+def carry_with(strategy, alpha: list[float], forced_k: int = -1) -> SmartSpecCarry:
     tried = jnp.full((len(alpha),), 10.0)
-    return SmartSpecCarry(None, 10.0 * jnp.asarray(alpha), tried, None, None, None)
+    return SmartSpecCarry(None, 10.0 * jnp.asarray(alpha), tried, None, None, None, strategy.round_seconds(), jnp.int32(forced_k))
 
 
 def test_greedy_output_equals_the_target_s_while_k_switches():
@@ -35,17 +35,22 @@ def test_greedy_output_equals_the_target_s_while_k_switches():
 def test_k_is_the_goodput_argmax_of_the_cost_model():
     cheap = jspec.SmartSpec.from_costs(**CHEAP)
     active = jnp.ones((2,), bool)
-    ks = [int(cheap.choose_k(carry_with([a, a]), active)) for a in (0.0, 0.3, 0.6, 0.9, 1.0)]
+    ks = [int(cheap.choose_k(carry_with(cheap, [a, a]), active)) for a in (0.0, 0.3, 0.6, 0.9, 1.0)]
     assert ks[0] == 0 and ks[-1] == 4 and ks == sorted(ks)  # longer chains as acceptance grows
     # By hand at alpha 0.6: E(k) = 1, 1.6, 1.96, 2.176, 2.306 over costs 1, 1.3, 1.55, 1.8, 2.1.
     expected = np.asarray([1.0, 1.6, 1.96, 2.176, 2.3056]) / np.asarray([1.0, 1.3, 1.55, 1.8, 2.1])
-    np.testing.assert_allclose(np.asarray(cheap.goodput(carry_with([0.6, 0.6]), active)) / 2, expected, rtol=1e-5)
-    assert int(cheap.choose_k(carry_with([0.6, 0.6]), active)) == int(np.argmax(expected))
+    np.testing.assert_allclose(np.asarray(cheap.goodput(carry_with(cheap, [0.6, 0.6]), active)) / 2, expected, rtol=1e-5)
+    assert int(cheap.choose_k(carry_with(cheap, [0.6, 0.6]), active)) == int(np.argmax(expected))
     # A compute-bound batch (a pass costs in proportion to its tokens): never speculate.
     busy = jspec.SmartSpec.from_costs(0.05, [1.0, 2.0, 3.0, 4.0])
-    assert all(int(busy.choose_k(carry_with([a, a]), active)) == 0 for a in (0.5, 0.9, 0.99))
+    assert all(int(busy.choose_k(carry_with(busy, [a, a]), active)) == 0 for a in (0.5, 0.9, 0.99))
     # Only active rows count: an idle row's high estimate does not lengthen the chain.
-    assert int(cheap.choose_k(carry_with([0.0, 1.0]), jnp.asarray([True, False]))) == 0
+    assert int(cheap.choose_k(carry_with(cheap, [0.0, 1.0]), jnp.asarray([True, False]))) == 0
+    # The cost model and a forced k are values in the carry (measured and set by a server).
+    measured = with_round_seconds(carry_with(cheap, [0.9, 0.9]), [1.0, 3.0, 5.0, 7.0, 9.0])
+    assert int(cheap.choose_k(measured, active)) == 0
+    assert int(cheap.choose_k(with_forced_k(measured, 3), active)) == 3
+    assert int(cheap.choose_k(with_forced_k(with_forced_k(measured, 3), None), active)) == 0
 
 
 def test_absorb_brings_the_drafter_in_step():

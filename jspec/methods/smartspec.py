@@ -41,7 +41,9 @@ from jspec.validation import check_int
 class SmartSpecCarry:
     """The round carry; per row, decayed counts `[B]` of accepted drafts and drafts tried, and the
     roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`);
-    `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`)."""
+    `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); the cost model
+    and a forced k, as values (`with_round_seconds`, `with_forced_k`), so that whoever runs the
+    strategy can measure and replace them without recompiling."""
 
     round: RoundCarry
     accepted: jax.Array
@@ -49,6 +51,8 @@ class SmartSpecCarry:
     pending: jax.Array
     n_pending: jax.Array
     rounds_per_k: jax.Array
+    round_seconds: jax.Array  # float32 [k_max + 1], the cost model (a value: a server re-measures it)
+    forced_k: jax.Array  # int32 [], -1: choose by goodput; else run every round at this k (to measure it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,7 @@ class SmartSpec(SpeculativeStrategy):
         return prefix_sizes(self.k_max + 1)
 
     def round_seconds(self) -> jax.Array:
-        """float32 `[k_max + 1]`: the modelled cost of a round at each k."""
+        """float32 `[k_max + 1]`: the modelled cost of a round at each k, from the given costs."""
         k = jnp.arange(self.k_max + 1, dtype=jnp.float32)
         return jnp.asarray(self.t_target, jnp.float32) + k * self.t_draft
 
@@ -121,12 +125,13 @@ class SmartSpec(SpeculativeStrategy):
         alpha = carry.accepted / jnp.maximum(carry.tried, 1e-6)  # [B]
         powers = alpha[:, None] ** jnp.arange(self.k_max + 1, dtype=jnp.float32)  # [B, K + 1]
         expected = jnp.cumsum(powers, axis=1)  # E(alpha, k) = 1 + alpha + ... + alpha^k
-        return jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0) / self.round_seconds()
+        return jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0) / carry.round_seconds
 
     def choose_k(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
         """int32 `[]`: this round's draft length (0: plain decoding), the goodput's argmax (the
-        shortest on ties)."""
-        return jnp.argmax(self.goodput(carry, active)).astype(jnp.int32)
+        shortest on ties), or the forced k."""
+        best = jnp.argmax(self.goodput(carry, active)).astype(jnp.int32)
+        return jnp.where(carry.forced_k >= 0, carry.forced_k, best)
 
     def init(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
         if not hasattr(drafter, "absorb"):
@@ -142,6 +147,8 @@ class SmartSpec(SpeculativeStrategy):
             pending=jnp.zeros((b, self.lag), jnp.int32),
             n_pending=jnp.zeros((b,), jnp.int32),
             rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
+            round_seconds=self.round_seconds(),
+            forced_k=jnp.asarray(-1, jnp.int32),
         )
 
     def stats(self, carry: SmartSpecCarry) -> jax.Array:
@@ -202,3 +209,13 @@ class SmartSpec(SpeculativeStrategy):
         carry, tokens, n_new = jax.lax.cond(k > 0, speculate, plain, carry)
         carry = dataclasses.replace(carry, rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)))
         return carry, tokens, n_new
+
+
+def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
+    """The carry with the cost model replaced by measured seconds per round at k = 0 .. k_max."""
+    return dataclasses.replace(carry, round_seconds=jnp.asarray(seconds, jnp.float32).reshape(carry.round_seconds.shape))
+
+
+def with_forced_k(carry: SmartSpecCarry, k: int | None) -> SmartSpecCarry:
+    """The carry running every round at k (None: back to choosing by goodput)."""
+    return dataclasses.replace(carry, forced_k=jnp.asarray(-1 if k is None else k, jnp.int32))
