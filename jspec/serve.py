@@ -181,7 +181,12 @@ def _step(target_graph, target_state, drafter_graph, drafter_state, state: SlotS
         key = jax.random.fold_in(state.key, state.step)
         # Idle and finished rows warp greedily, so a finished request's top_p < 1 costs no nucleus sort.
         sampling = RowSampling(jnp.where(active, state.temperature, 0.0), jnp.where(active, state.top_p, 1.0))
-        carry, new, n_new = strategy.round(target, drafter, state.carry, active, sampling, key)
+        round_fn = lambda carry: strategy.round(target, drafter, carry, active, sampling, key)  # noqa: E731
+        # Under a cond XLA updates the caches in place; a round straight in the loop body ran up to
+        # 30% slower (SmolLM2, CPU). The loop only runs while a row is active, so the skip is never taken.
+        shapes = jax.eval_shape(round_fn, state.carry)
+        skip = lambda carry: (carry, jnp.zeros(shapes[1].shape, jnp.int32), jnp.zeros(shapes[2].shape, jnp.int32))  # noqa: E731
+        carry, new, n_new = jax.lax.cond(jnp.any(active), round_fn, skip, state.carry)
         index = jnp.arange(new.shape[1])[None, :]
         is_eos = (new == state.eos[:, None]) & (index < n_new[:, None])
         kept = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, n_new)
