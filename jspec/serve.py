@@ -300,6 +300,9 @@ class Engine:
     def _empty_state(self, seed: int) -> SlotState:
         s = self.slots
         carry = _start_carry(*self._graphs, strategy=self.strategy, slots=s, width=1, cache_size=self.cache_size)
+        # Strong types, as every later state has: a weakly typed leaf (e.g. from jnp.full(.., 2.0))
+        # would make the first admission's program a different one from all later admissions'.
+        carry = jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), carry)
         return SlotState(
             carry=carry, length=jnp.zeros((s,), jnp.int32), done=jnp.ones((s,), bool), max_new=jnp.zeros((s,), jnp.int32),
             eos=jnp.full((s,), -1, jnp.int32), temperature=jnp.zeros((s,)), top_p=jnp.ones((s,)),

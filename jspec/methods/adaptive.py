@@ -99,7 +99,7 @@ class AdaptiveK(SpeculativeStrategy):
     def init(self, target, drafter, prefill, first_token, sampling) -> AdaptiveCarry:
         carry = super().init(target, drafter, prefill, first_token, sampling)
         b = first_token.shape[0]
-        return AdaptiveCarry(carry, jnp.full((b,), 2.0 * self.prior), jnp.full((b,), 2.0))
+        return AdaptiveCarry(carry, jnp.full((b,), 2.0 * self.prior, jnp.float32), jnp.full((b,), 2.0, jnp.float32))
 
     def round(self, target, drafter, carry: AdaptiveCarry, active, sampling, key):
         key_draft, key_verify = jax.random.split(key)

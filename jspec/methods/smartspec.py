@@ -142,8 +142,8 @@ class SmartSpec(SpeculativeStrategy):
         b = first_token.shape[0]
         return SmartSpecCarry(
             round=carry,
-            accepted=jnp.full((b,), 2.0 * self.prior),
-            tried=jnp.full((b,), 2.0),
+            accepted=jnp.full((b,), 2.0 * self.prior, jnp.float32),
+            tried=jnp.full((b,), 2.0, jnp.float32),
             pending=jnp.zeros((b, self.lag), jnp.int32),
             n_pending=jnp.zeros((b,), jnp.int32),
             rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
