@@ -32,7 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from jspec.methods.chain import draft_chain, verify_cut_chain
-from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
+from jspec.models import causal_mask
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, score_tree
+from jspec.trees.draft import DraftedTree
+from jspec.trees.tree import Tree
 from jspec.validation import check_int
 
 
@@ -168,47 +171,63 @@ class SmartSpec(SpeculativeStrategy):
         return jax.lax.cond(when, absorb, lambda carry: carry, carry)
 
     def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
+        # Only the drafter's work sits under a cond on k: the target's pass is the same code at every
+        # k (a prefix of the chain, one token at k = 0), since caches passed through a cond's
+        # branches got copied every round (a plain round at 4 slots cost 1.5 AR rounds).
         k = self.choose_k(carry, active)
-        width = self.tokens_per_round
+        drafting = k > 0
         b = active.shape[0]
+        key_draft, key_verify = jax.random.split(key)
+        last = carry.round.last
 
-        def speculate(carry: SmartSpecCarry):
+        def draft(carry: SmartSpecCarry):
             carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending > 0)))
-            key_draft, key_verify = jax.random.split(key)
-            inner = carry.round
             limit = jnp.full((b,), k, jnp.int32)
-            drafted = draft_chain(drafter, inner.drafter, inner.last, self.k_max, sampling, key_draft, limit=limit)
-            logits, cache, features = score_tree(target, inner.target_cache, drafted, drafter.feature_layers, self.score_sizes)
-            verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
-            inner, tokens, n_new = commit_round(inner, drafter, drafted, cache, features, verdict, active, width)
-            tried = jnp.where(verdict.accepted < k, verdict.accepted + 1, k).astype(jnp.float32)
-            update = lambda old, new: jnp.where(active, self.decay * old + new, old)  # noqa: E731
-            carry = dataclasses.replace(
-                carry, round=inner, accepted=update(carry.accepted, verdict.accepted.astype(jnp.float32)),
-                tried=update(carry.tried, tried),
-            )  # fmt: skip
-            return carry, tokens, n_new
+            return carry, draft_chain(drafter, carry.round.drafter, last, self.k_max, sampling, key_draft, limit=limit)
 
-        def plain(carry: SmartSpecCarry):
+        def no_draft(carry: SmartSpecCarry):
             carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending >= self.lag)))
-            inner = carry.round
-            cache, token = plain_step(target, inner.target_cache, inner.last, active, sampling, key)
-            rows = jnp.arange(b)
-            pending = carry.pending.at[rows, jnp.where(active, carry.n_pending, self.lag)].set(inner.last, mode="drop")
-            carry = dataclasses.replace(
-                carry,
-                round=dataclasses.replace(inner, target_cache=cache, last=jnp.where(active, token, inner.last)),
-                pending=pending,
-                n_pending=carry.n_pending + active.astype(jnp.int32),
-                accepted=self.relax * carry.accepted + (1 - self.relax) * 2.0 * self.prior,
-                tried=self.relax * carry.tried + (1 - self.relax) * 2.0,
-            )
-            tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(token)
-            return carry, tokens, jnp.ones((b,), jnp.int32)
+            return carry, root_only(last, self.k_max, drafter.vocab_size, carry.round.drafter)
 
-        carry, tokens, n_new = jax.lax.cond(k > 0, speculate, plain, carry)
-        carry = dataclasses.replace(carry, rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)))
+        carry, drafted = jax.lax.cond(drafting, draft, no_draft, carry)
+        inner = carry.round
+        logits, cache, features = score_tree(target, inner.target_cache, drafted, drafter.feature_layers, self.score_sizes)
+        verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
+        gated = CommitWhen(drafter, drafting)  # the drafter keeps a round only if it drafted it
+        inner, tokens, n_new = commit_round(inner, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
+        plain_rows = active & ~drafting
+        pending = carry.pending.at[jnp.arange(b), jnp.where(plain_rows, carry.n_pending, self.lag)].set(last, mode="drop")
+        tried = jnp.where(verdict.accepted < k, verdict.accepted + 1, k).astype(jnp.float32)
+        observed = lambda old, new, prior: jnp.where(  # noqa: E731
+            drafting, jnp.where(active, self.decay * old + new, old), self.relax * old + (1 - self.relax) * prior
+        )
+        carry = dataclasses.replace(
+            carry, round=inner, pending=pending, n_pending=carry.n_pending + plain_rows.astype(jnp.int32),
+            accepted=observed(carry.accepted, verdict.accepted.astype(jnp.float32), 2.0 * self.prior),
+            tried=observed(carry.tried, tried, 2.0),
+            rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)),
+        )  # fmt: skip
         return carry, tokens, n_new
+
+
+def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTree:
+    """A chain of k_max slots with only the root `last [B]` valid: what a k = 0 round scores."""
+    b, n = last.shape[0], k_max + 1
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(last)
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    tree = Tree(tokens, index - 1, index, index == 0)
+    return DraftedTree(tree, causal_mask(b, n), jnp.zeros((b, n, vocab_size), jnp.float32), state, index - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitWhen:
+    """The drafter, committing a round only `when` (bool `[]`); its state is left as it was otherwise."""
+
+    drafter: object
+    when: jax.Array
+
+    def commit(self, state, accepted):
+        return jax.lax.cond(self.when, self.drafter.commit, lambda state, accepted: state, state, accepted)
 
 
 def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
