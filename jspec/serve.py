@@ -495,7 +495,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     `prompt_len` tokens and times them (`steps` steps after an untimed one). Returns the seconds per
     round `[k_max + 1]`. The engine must be idle; it is idle again afterwards, with no completions
     kept."""
-    from jspec.methods.smartspec import SmartSpec, with_forced_k, with_round_seconds
+    from jspec.methods.smartspec import SmartSpec
 
     strategy = engine.strategy
     if not isinstance(strategy, SmartSpec):
@@ -506,7 +506,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     prompt_len = min(prompt_len, engine.max_len // 2)
     seconds = []
     for k in range(strategy.k_max + 1):
-        engine.state = dataclasses.replace(engine.state, carry=with_forced_k(engine.state.carry, k))
+        engine.state = _replace_carry(engine.state, {"forced_k": jnp.int32(k)})
         max_new = min(engine.max_len - prompt_len, (steps + 2) * engine.rounds_per_step * (k + 1))
         ids = [engine.submit([0] * prompt_len, max_new_tokens=max_new) for _ in range(engine.slots)]
         engine.step()  # admits them all: the timed steps only decode
@@ -517,9 +517,16 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
         for request_id in ids:
             engine.cancel(request_id)
         engine.run()
-    carry = with_round_seconds(with_forced_k(engine.state.carry, None), seconds)
-    carry = dataclasses.replace(carry, rounds_per_k=jnp.zeros_like(carry.rounds_per_k))  # count served rounds only
-    engine.state = dataclasses.replace(engine.state, carry=carry)
+    values = {"forced_k": jnp.int32(-1), "round_seconds": jnp.asarray(seconds, jnp.float32)}
+    values["rounds_per_k"] = jnp.zeros_like(engine.state.carry.rounds_per_k)  # count served rounds only
+    engine.state = _replace_carry(engine.state, values)
     engine.completions.clear()
     engine._finished.clear()
     return np.asarray(seconds)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _replace_carry(state: SlotState, values: dict) -> SlotState:
+    """The state with the carry's fields `values` replaced, computed by a compiled program: arrays
+    made on the host would make the next admission and step compile again."""
+    return dataclasses.replace(state, carry=dataclasses.replace(state.carry, **values))
