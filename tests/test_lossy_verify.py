@@ -321,7 +321,7 @@ def test_every_default_and_named_strategy_is_lossless():
         assert not chain.lossy and chain.verify_rule is rule and chain.scoring(Sampling(0.5)) == Sampling(0.5)
     assert not inspect.signature(jspec.speculative_generate).parameters["strategy"].default.lossy
     # Every public strategy class, constructed with its defaults (SequoiaTree is built for a
-    # measured acceptance vector, RSD for a chosen variant, AdaptiveK for measured costs: they have none).
+    # measured acceptance vector, RSD for a chosen variant, AdaptiveK and SmartSpec for measured costs: they have none).
     public = {
         name
         for name in jspec.__all__
@@ -331,9 +331,10 @@ def test_every_default_and_named_strategy_is_lossless():
     make["SequoiaTree"] = lambda: jspec.SequoiaTree((0.6, 0.2), size=8, max_depth=4)
     make["RSD"] = lambda: jspec.RSD(beam=2, depth=3)
     make["AdaptiveK"] = lambda: jspec.AdaptiveK.from_costs(1.0, (10.0, 11.0, 12.0, 13.0))
+    make["SmartSpec"] = lambda: jspec.SmartSpec.from_costs(1.0, (10.0, 11.0, 12.0, 13.0))
     assert public == {
         "Chain", "StaticTree", "SequoiaTree", "DynamicTree", "RSD", "MultiCandidate", "EagleTree",
-        "PromptLookup", "Rest", "RASD", "AdaptiveK",
+        "PromptLookup", "Rest", "RASD", "AdaptiveK", "SmartSpec",
     }  # fmt: skip
     for name, build in make.items():
         strategy = build()
