@@ -151,7 +151,7 @@ def chat_prompts(parser, args, tokenizer, max_len: int, max_new_tokens: int) -> 
     if args.prompts_jsonl is None:
         parser.error("needs --prompts-jsonl (Spec-Bench's question.jsonl; or set $JSPEC_SPEC_BENCH)")
     by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
-    texts = [t for i in range(args.per_category) for ts in by_category.values() if i < len(ts) for t in ts[i : i + 1]]
+    texts = [ts[i] for i in range(args.per_category) for ts in by_category.values() if i < len(ts)]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     return [p for p in ids if len(p) <= args.max_prompt_tokens and len(p) + max_new_tokens <= max_len]
 

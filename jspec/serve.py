@@ -46,8 +46,6 @@ from jspec.models import Transformer
 from jspec.sampling import RowSampling, Sampling, sample, warp
 from jspec.validation import check_eos, check_int
 
-FINISH_REASONS = ("stop", "length", "cancelled")
-
 
 @dataclasses.dataclass(frozen=True)
 class Request:
