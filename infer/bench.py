@@ -56,6 +56,7 @@ from infer.models import (
     prompt_batches,
     text_tokenizer,
 )
+from infer.spec_bench import default_spec_bench
 from infer.timing import draft_round_seconds, forward_seconds, theoretical_round_speedup
 from jspec.decode import bucket_size
 from jspec.methods.sequoia import measure_acceptance
@@ -414,17 +415,6 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
-
-
-def default_spec_bench() -> str | None:
-    """Spec-Bench's question.jsonl: `$JSPEC_SPEC_BENCH`, else shared/data/spec_bench beside this
-    repository (where the project keeps it), else None."""
-    env = os.environ.get("JSPEC_SPEC_BENCH")
-    if env:
-        return env
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(os.path.dirname(here), "shared", "data", "spec_bench", "question.jsonl")
-    return path if os.path.exists(path) else None
 
 
 def read_jsonl_prompts(parser: argparse.ArgumentParser, path: str, per_category: int) -> dict[str, list[str]]:

@@ -32,6 +32,8 @@ import time
 import httpx
 import numpy as np
 
+from infer.spec_bench import default_spec_bench
+
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
     "Explain what a Python dictionary is.",
@@ -41,17 +43,6 @@ BUILTIN_PROMPTS = (
     "Give me a short recipe for pancakes.",
 )
 FINISH_REASONS = ("stop", "length")
-
-
-def default_question_file() -> str | None:
-    """Spec-Bench's question.jsonl: `$JSPEC_SPEC_BENCH`, else shared/data/spec_bench beside this
-    repository, else None (as `infer.bench.default_spec_bench`, without importing jax)."""
-    env = os.environ.get("JSPEC_SPEC_BENCH")
-    if env:
-        return env
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(os.path.dirname(repo), "shared", "data", "spec_bench", "question.jsonl")
-    return path if os.path.exists(path) else None
 
 
 def load_prompts(path: str | None, count: int) -> list[str]:
@@ -307,7 +298,7 @@ async def run_load_test(
     server's first."""
     if concurrency < 1 or duration <= 0 or max_tokens < 1 or (max_requests is not None and max_requests < 1):
         raise ValueError("concurrency, duration, max_tokens and max_requests must be positive")
-    prompts = prompts or load_prompts(default_question_file(), 16)
+    prompts = prompts or load_prompts(default_spec_bench(), 16)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         model = model or await served_model(client)
@@ -368,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]")
     if args.num_prompts < 1:
         parser.error("--num-prompts must be >= 1")
-    prompts = load_prompts(args.prompts_jsonl or default_question_file(), args.num_prompts)
+    prompts = load_prompts(args.prompts_jsonl or default_spec_bench(), args.num_prompts)
     try:
         summary = asyncio.run(
             run_load_test(

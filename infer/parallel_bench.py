@@ -28,9 +28,10 @@ import jax
 import numpy as np
 
 import jspec
-from infer.bench import default_spec_bench, jsonl_batches, machine, measure_by_category, total
+from infer.bench import jsonl_batches, machine, measure_by_category, total
 from infer.models import add_model_arguments, models_from_args
 from infer.retrieval_bench import prefill_seconds, print_summary, record, save, target_eos
+from infer.spec_bench import default_spec_bench
 from infer.timing import forward_seconds
 from jspec.analysis import alpha_from_tau, pearl_speedup, speedup_from_costs, ssd_speedup
 from jspec.decode import bucket_size

@@ -40,13 +40,13 @@ from flax import nnx
 import jspec
 from infer.bench import (
     category_records,
-    default_spec_bench,
     jsonl_batches,
     machine,
     measure_by_category,
     total,
 )
 from infer.models import add_model_arguments, models_from_args
+from infer.spec_bench import default_spec_bench
 from infer.timing import forward_seconds
 from jspec.decode import bucket_size, prefill
 from jspec.retrieval import Retrieval, load_datastore

@@ -29,8 +29,9 @@ import jax
 import numpy as np
 
 import jspec
-from infer.bench import default_spec_bench, machine, read_jsonl_prompts
+from infer.bench import machine, read_jsonl_prompts
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args
+from infer.spec_bench import default_spec_bench
 from jspec.analysis import alpha_from_tau, expected_tau
 from jspec.serve import Engine, calibrate_smartspec
 

@@ -14,8 +14,10 @@ for it alone: token for token when greedy, in law at temperature > 0 (rows never
 other's state; a row's verdicts are the strategy's, per row).
 
 Any strategy whose state has one row per request serves: Chain, trees, `AdaptiveK`, `SmartSpec`
-(one k for the batch each round, 0 included, by goodput: the point of serving with speculation),
-and `jspec.rounds.Autoregressive` (plain decoding, no drafter). Strategies whose state depends on the
+(one k for the batch, 0 included, by goodput: the point of serving with speculation), and
+`jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `choose_k`
+(SmartSpec) has k chosen between steps, by the host from the state, and each step runs the program
+at that k: k_max + 1 step programs, none with a cond on k around the caches. Strategies whose state depends on the
 prompt's width (retrieval over the prompt) are refused.
 
 Randomness: a request's `seed` draws its first token; later rounds draw from the engine's key
@@ -203,6 +205,12 @@ def _step(target_graph, target_state, drafter_graph, drafter_state, state: SlotS
     return state, buffer, count
 
 
+@functools.partial(jax.jit, static_argnames=("strategy",))
+def _choose_k(state: SlotState, cancel, *, strategy) -> jax.Array:
+    """int32 `[]`: the k the strategy chooses for the next step's rows (those not done or cancelled)."""
+    return strategy.choose_k(state.carry, ~(state.done | cancel))
+
+
 def _batch_axes(abstract_1, abstract_2) -> tuple[int | None, ...]:
     """Per carry leaf, the axis that grows with the batch (from its shapes at batch 1 and 2), or
     None for a leaf without one."""
@@ -264,6 +272,8 @@ class Engine:
         self.cache_size = max_len + strategy.tokens_scored + 1
         self._graphs = (*nnx.split(target), *((None, None) if drafter is None else nnx.split(drafter)))
         self._axes = self._check_servable()
+        # A strategy choosing per step (`at_k`, `choose_k`): its step program at each k.
+        self._variants = tuple(strategy.at_k(k) for k in range(strategy.k_max + 1)) if hasattr(strategy, "at_k") else None
         self.state = self._empty_state(seed)
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -327,6 +337,9 @@ class Engine:
         for width in sorted(self.prompt_widths if widths is None else widths):
             self.submit([0] * min(width, self.max_len - 1), max_new_tokens=1)
         self.run()
+        for variant in self._variants or ():  # every step program: on the idle state a step runs no round
+            no_cancel = np.zeros((self.slots,), bool)
+            self.state, _, _ = _step(*self._graphs, self.state, no_cancel, strategy=variant, rounds_per_step=self.rounds_per_step)
         self.completions.clear()
         self._finished.clear()
 
@@ -440,7 +453,7 @@ class Engine:
         if not self._slot_of:
             return events
         self.state, buffer, count = _step(
-            *self._graphs, self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
+            *self._graphs, self.state, cancel, strategy=self._step_strategy(cancel), rounds_per_step=self.rounds_per_step
         )
         buffer, count, done, length, rounds = jax.device_get(
             (buffer, count, self.state.done, self.state.length, self.state.rounds)
@@ -462,6 +475,14 @@ class Engine:
             elif tokens:
                 self._emit(events, Event(request_id, tokens))
         return events
+
+    def _step_strategy(self, cancel: np.ndarray):
+        """What the next step runs: the strategy, or for one that picks its variant between steps
+        (`at_k`, e.g. SmartSpec: k for the whole step by goodput), that variant: one compiled
+        program per k and no cond on k around the caches."""
+        if self._variants is None:
+            return self.strategy
+        return self._variants[int(_choose_k(self.state, cancel, strategy=self.strategy))]
 
     def _finish(self, events: list[Event], event: Event) -> None:
         """Emit a request's last event and forget the oldest finished requests beyond `keep_finished`."""

@@ -14,6 +14,7 @@ from test_decode import first3_pvalue
 import jspec
 from jspec.drafters import ModelDrafter, Prefill, prefill_model
 from jspec.methods.smartspec import SmartSpecCarry, with_forced_k, with_round_seconds
+from jspec.rounds import RoundCarry
 
 from conftest import TINY, assert_greedy_matches_target, causal_logits, random_model
 
@@ -22,9 +23,12 @@ LENGTHS = np.array([10, 3, 6], np.int32)
 CHEAP = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2, 1.3])  # a target pass barely grows with its tokens
 
 
-def carry_with(strategy, alpha: list[float], forced_k: int = -1) -> SmartSpecCarry:
-    tried = jnp.full((len(alpha),), 10.0)
-    return SmartSpecCarry(None, 10.0 * jnp.asarray(alpha), tried, None, None, None, strategy.round_seconds(), jnp.int32(forced_k))
+def carry_with(strategy, alpha: list[float], forced_k: int = -1, n: float = 1e6) -> SmartSpecCarry:
+    """A carry whose rows have accepted `alpha` of n drafts (n large: the estimates are alpha)."""
+    tried, zero = jnp.full((len(alpha),), n), jnp.zeros(())
+    return SmartSpecCarry(
+        None, n * jnp.asarray(alpha), tried, zero, zero, None, None, None, strategy.round_seconds(), jnp.int32(forced_k)
+    )
 
 
 def test_greedy_output_equals_the_target_s_while_k_switches():
@@ -51,6 +55,24 @@ def test_k_is_the_goodput_argmax_of_the_cost_model():
     assert int(cheap.choose_k(measured, active)) == 0
     assert int(cheap.choose_k(with_forced_k(measured, 3), active)) == 3
     assert int(cheap.choose_k(with_forced_k(with_forced_k(measured, 3), None), active)) == 0
+
+
+def test_a_new_row_starts_at_the_batch_s_estimate_and_plain_rounds_relax_toward_it():
+    s = jspec.SmartSpec.from_costs(**CHEAP, prior=0.5, decay=0.5, relax=0.5)
+    zeros, zero = jnp.zeros((2,)), jnp.zeros(())
+    pending = (jnp.zeros((2, s.lag), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.zeros((s.k_max + 1,), jnp.int32))
+    root = RoundCarry(None, None, jnp.zeros((2,), jnp.int32))
+    carry = SmartSpecCarry(root, zeros, zeros, zero, zero, *pending, s.round_seconds(), jnp.int32(-1))
+    np.testing.assert_allclose(s.acceptance(carry), [0.5, 0.5])  # nothing seen yet: the prior
+    # Row 0 accepts both of 2 drafts, row 1 is idle: the batch has seen 2 of 2, (2 + 1) / (2 + 2);
+    # row 0 its own 2 of 2 plus 2 at the batch's, (2 + 1.5) / 4; row 1 (a new request) the batch's.
+    carry = s._observe(carry, carry.round, 2, jnp.asarray([2, 0]), jnp.asarray([True, False]))
+    np.testing.assert_allclose(s.acceptance(carry), [0.875, 0.75])
+    assert int(carry.n_pending.sum()) == 0
+    # A plain round halves every count (relax 0.5): the batch's (1 + 1) / (1 + 2), row 0's (1 + 4/3) / 3.
+    carry = s._observe(carry, carry.round, 0, jnp.zeros((2,), jnp.int32), jnp.asarray([True, True]))
+    np.testing.assert_allclose(s.acceptance(carry), [7 / 9, 2 / 3], rtol=1e-6)
+    assert carry.n_pending.tolist() == [1, 1] and carry.rounds_per_k.tolist() == [1, 0, 1, 0, 0]
 
 
 def test_absorb_brings_the_drafter_in_step():

@@ -15,10 +15,21 @@ falls to 0: plain decoding, where speculation would slow the batch down.
 
 A k = 0 round runs the target alone, not the drafter. The drafter then falls behind by the rounds'
 roots, kept in a buffer of `lag` tokens per row; before the next drafting round, or when the buffer
-is full, one drafter pass takes them in (`ModelDrafter.absorb`). The acceptance estimate is
+is full, one drafter pass takes them in (`ModelDrafter.absorb`).
+
+Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop), the
+drafter's work under a cond on k and the target scoring a prefix of the longest chain. A serving
+engine (`jspec.serve.Engine`) chooses it between its compiled steps (`choose_k`) and runs the step
+at that k (`at_k`, one program per k): no cond around either model's cache, so a k = 0 round costs
+what a plain decoding round does (the in-loop choice made it 1.4 plain rounds: XLA copied the
+caches through the conds; SmolLM2, 16 slots, CPU).
+
+The acceptance estimate is
 SmartSpec's: exponentially decayed counts of accepted and tried drafts per row (as `AdaptiveK`).
-A k = 0 round observes no acceptance, so there each row's estimate relaxes toward the prior
-(weight `relax` on the old value): once speculation would pay again, the batch probes it.
+A new request's estimate starts at the batch's (decayed counts over every row, after `prior`).
+A k = 0 round observes no acceptance, so there every count shrinks (weight `relax`): a row's
+estimate relaxes toward the batch's, the batch's toward the prior, and once speculation would pay
+again at that estimate, the batch probes it.
 
 Lossless: k depends only on earlier rounds (never on this round's draws), a drafting round is a
 chain verified by speculative sampling (the chain walk), and a k = 0 round samples the target.
@@ -33,7 +44,7 @@ import jax.numpy as jnp
 
 from jspec.methods.chain import draft_chain, verify_cut_chain
 from jspec.models import causal_mask
-from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, score_tree
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import Tree
 from jspec.validation import check_int
@@ -43,7 +54,8 @@ from jspec.validation import check_int
 @dataclasses.dataclass(frozen=True)
 class SmartSpecCarry:
     """The round carry; per row, decayed counts `[B]` of accepted drafts and drafts tried, and the
-    roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`);
+    roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`); the
+    same counts over every row (`batch_accepted`, `batch_tried`, `[]`: a new row's prior);
     `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); the cost model
     and a forced k, as values (`with_round_seconds`, `with_forced_k`), so that whoever runs the
     strategy can measure and replace them without recompiling."""
@@ -51,6 +63,8 @@ class SmartSpecCarry:
     round: RoundCarry
     accepted: jax.Array
     tried: jax.Array
+    batch_accepted: jax.Array
+    batch_tried: jax.Array
     pending: jax.Array
     n_pending: jax.Array
     rounds_per_k: jax.Array
@@ -65,9 +79,10 @@ class SmartSpec(SpeculativeStrategy):
     t_target: seconds of a target pass over 1 .. k_max + 1 tokens, and t_draft: seconds of one
     drafter step, both at the batch size being served (build it with `SmartSpec.from_costs`;
     `infer.serve_bench` measures them). decay: the weight of the past in the acceptance counts;
-    prior: the acceptance assumed before a row's first drafting round (worth 2 drafts tried); lag:
-    the k = 0 rounds a row's drafter may fall behind before it catches up; relax: the weight a k = 0
-    round keeps of the acceptance counts, the rest going to the prior's. Needs a language-model
+    prior: the acceptance assumed before the first drafting round (worth 2 drafts tried; a new
+    request starts at the batch's estimate); lag: the k = 0 rounds a row's drafter may fall behind
+    before it catches up; relax: the weight a k = 0 round keeps of the acceptance counts (module
+    doc). Needs a language-model
     drafter (one with `absorb`).
     """
 
@@ -122,10 +137,17 @@ class SmartSpec(SpeculativeStrategy):
         k = jnp.arange(self.k_max + 1, dtype=jnp.float32)
         return jnp.asarray(self.t_target, jnp.float32) + k * self.t_draft
 
+    def acceptance(self, carry: SmartSpecCarry) -> jax.Array:
+        """float32 `[B]`: each row's acceptance estimate, its decayed counts plus 2 drafts tried at
+        the batch's estimate (itself its counts plus 2 drafts tried at `prior`). A new request
+        starts at what the batch has been accepting, not at a constant."""
+        batch = (carry.batch_accepted + 2.0 * self.prior) / (carry.batch_tried + 2.0)
+        return (carry.accepted + 2.0 * batch) / (carry.tried + 2.0)
+
     def goodput(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
         """float32 `[k_max + 1]`: expected tokens per second of the round at each k, over the
-        active rows (`active [B]`) and their acceptance estimates."""
-        alpha = carry.accepted / jnp.maximum(carry.tried, 1e-6)  # [B]
+        active rows (`active [B]`) and their acceptance estimates (`acceptance`)."""
+        alpha = self.acceptance(carry)  # [B]
         powers = alpha[:, None] ** jnp.arange(self.k_max + 1, dtype=jnp.float32)  # [B, K + 1]
         expected = jnp.cumsum(powers, axis=1)  # E(alpha, k) = 1 + alpha + ... + alpha^k
         return jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0) / carry.round_seconds
@@ -145,8 +167,10 @@ class SmartSpec(SpeculativeStrategy):
         b = first_token.shape[0]
         return SmartSpecCarry(
             round=carry,
-            accepted=jnp.full((b,), 2.0 * self.prior, jnp.float32),
-            tried=jnp.full((b,), 2.0, jnp.float32),
+            accepted=jnp.zeros((b,), jnp.float32),
+            tried=jnp.zeros((b,), jnp.float32),
+            batch_accepted=jnp.zeros((), jnp.float32),
+            batch_tried=jnp.zeros((), jnp.float32),
             pending=jnp.zeros((b, self.lag), jnp.int32),
             n_pending=jnp.zeros((b,), jnp.int32),
             rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
@@ -171,6 +195,10 @@ class SmartSpec(SpeculativeStrategy):
         return jax.lax.cond(when, absorb, lambda carry: carry, carry)
 
     def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
+        """A round whose k is chosen here, on the device, from the carry (`jspec.decode`'s loop): the
+        drafter's work sits under a cond on k and the target scores the shortest prefix of the chain
+        holding it (`score_tree`'s sizes). A serving engine instead picks k between its compiled steps
+        and runs `at_k(k)`, whose rounds have no conds around the caches (module doc)."""
         # Only the drafter's work sits under a cond on k: the target's pass is the same code at every
         # k (a prefix of the chain, one token at k = 0), since caches passed through a cond's
         # branches got copied every round (a plain round at 4 slots cost 1.5 AR rounds).
@@ -190,24 +218,89 @@ class SmartSpec(SpeculativeStrategy):
             return carry, root_only(last, self.k_max, drafter.vocab_size, carry.round.drafter)
 
         carry, drafted = jax.lax.cond(drafting, draft, no_draft, carry)
-        inner = carry.round
-        logits, cache, features = score_tree(target, inner.target_cache, drafted, drafter.feature_layers, self.score_sizes)
+        logits, cache, features = score_tree(target, carry.round.target_cache, drafted, drafter.feature_layers, self.score_sizes)
         verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
         gated = CommitWhen(drafter, drafting)  # the drafter keeps a round only if it drafted it
-        inner, tokens, n_new = commit_round(inner, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
-        plain_rows = active & ~drafting
-        pending = carry.pending.at[jnp.arange(b), jnp.where(plain_rows, carry.n_pending, self.lag)].set(last, mode="drop")
-        tried = jnp.where(verdict.accepted < k, verdict.accepted + 1, k).astype(jnp.float32)
-        observed = lambda old, new, prior: jnp.where(  # noqa: E731
-            drafting, jnp.where(active, self.decay * old + new, old), self.relax * old + (1 - self.relax) * prior
-        )
-        carry = dataclasses.replace(
+        inner, tokens, n_new = commit_round(carry.round, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
+        return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
+
+    def round_at(self, k: int, target, drafter, carry: SmartSpecCarry, active, sampling, key):
+        """A round at a static k (0: the target alone, as `jspec.Autoregressive`; else a chain of k
+        drafts): no cond around either model's cache, only the drafter's catch-up. The rounds of
+        `at_k(k)`."""
+        if k == 0:
+            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending >= self.lag)))
+            inner = carry.round
+            cache, token = plain_step(target, inner.target_cache, inner.last, active, sampling, key)
+            inner = dataclasses.replace(inner, target_cache=cache, last=jnp.where(active, token, inner.last))
+            return self._observe(carry, inner, 0, jnp.zeros_like(token), active), token[:, None], jnp.ones_like(token)
+        key_draft, key_verify = jax.random.split(key)
+        carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending > 0)))
+        drafted = draft_chain(drafter, carry.round.drafter, carry.round.last, k, sampling, key_draft)
+        logits, cache, features = score_tree(target, carry.round.target_cache, drafted, drafter.feature_layers)
+        verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
+        inner, tokens, n_new = commit_round(carry.round, drafter, drafted, cache, features, verdict, active, k + 1)
+        return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
+
+    def at_k(self, k: int) -> SmartSpecAt:
+        """This strategy with every round at k drafts (static): what a serving engine runs for a
+        step after choosing k (`choose_k`) between steps; it shares this strategy's carry."""
+        check_int("k", k, 0)
+        if k > self.k_max:
+            raise ValueError(f"k must be at most k_max={self.k_max}, got {k}")
+        return SmartSpecAt(self, k)
+
+    def _observe(self, carry: SmartSpecCarry, inner: RoundCarry, k, accepted: jax.Array, active) -> SmartSpecCarry:
+        """The carry after a round at k (int or int32 `[]`) in which the active rows accepted
+        `accepted [B]` drafts: counts updated (a k = 0 round observes nothing: it shrinks each row's
+        counts, so its estimate relaxes toward the batch's) and a k = 0 round's roots buffered for
+        the drafter."""
+        drafting = k > 0
+        plain_rows = active & jnp.asarray(k == 0)
+        b = active.shape[0]
+        root = carry.round.last
+        pending = carry.pending.at[jnp.arange(b), jnp.where(plain_rows, carry.n_pending, self.lag)].set(root, mode="drop")
+        accepted = jnp.where(active, accepted, 0).astype(jnp.float32)
+        tried = jnp.where(active, jnp.where(accepted < k, accepted + 1, k), 0).astype(jnp.float32)
+        row = lambda old, new: jnp.where(drafting, jnp.where(active, self.decay * old + new, old), self.relax * old)  # noqa: E731
+        batch = lambda old, new: jnp.where(drafting, self.decay * old + jnp.sum(new), self.relax * old)  # noqa: E731
+        return dataclasses.replace(
             carry, round=inner, pending=pending, n_pending=carry.n_pending + plain_rows.astype(jnp.int32),
-            accepted=observed(carry.accepted, verdict.accepted.astype(jnp.float32), 2.0 * self.prior),
-            tried=observed(carry.tried, tried, 2.0),
+            accepted=row(carry.accepted, accepted), tried=row(carry.tried, tried),
+            batch_accepted=batch(carry.batch_accepted, accepted), batch_tried=batch(carry.batch_tried, tried),
             rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)),
         )  # fmt: skip
-        return carry, tokens, n_new
+
+
+@dataclasses.dataclass(frozen=True)
+class SmartSpecAt:
+    """`spec` (a `SmartSpec`) with every round at `k` drafts, a static int: one compiled program
+    per k, chosen between steps (`jspec.serve.Engine`). Shares `spec`'s carry, init and sizes."""
+
+    spec: SmartSpec
+    k: int
+
+    lossy = False
+
+    @property
+    def tokens_per_round(self) -> int:
+        return self.spec.tokens_per_round
+
+    @property
+    def tokens_scored(self) -> int:
+        return self.spec.tokens_scored
+
+    def check(self, sampling) -> None:
+        self.spec.check(sampling)
+
+    def init(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
+        return self.spec.init(target, drafter, prefill, first_token, sampling)
+
+    def stats(self, carry: SmartSpecCarry) -> jax.Array:
+        return self.spec.stats(carry)
+
+    def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
+        return self.spec.round_at(self.k, target, drafter, carry, active, sampling, key)
 
 
 def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTree:
