@@ -10,9 +10,9 @@ The decode loop (`jspec.decode`) knows a strategy only through this protocol:
     init(target, drafter, prefill, first_token, sampling) -> carry
     round(target, drafter, carry, active, sampling, key) -> (carry, new_tokens [B, E], n_new [B])
 
-A strategy may also bring `k_max`, `choose_k(carry, active) -> int32 []` and `at_k(k)`, a strategy
-sharing its carry whose every round runs at the static k: a serving engine then picks k between
-compiled steps and runs one program per k (`jspec.serve`, SmartSpec).
+A strategy may also bring `k_max`, `at_k(k)`, a strategy sharing its carry whose every round runs
+at the static k, and `prepare_step(drafter, carry, active, rounds) -> (carry, k)`: a serving engine
+then picks k between compiled steps and runs one program per k (`jspec.serve`, SmartSpec).
 
 `target` is the merged target model, `drafter` a `jspec.drafters.Drafter` (None for decoding
 without one), `prefill` the target's `jspec.drafters.Prefill`; a round must leave rows whose

@@ -16,8 +16,8 @@ other's state; a row's verdicts are the strategy's, per row).
 Any strategy whose state has one row per request serves: Chain, trees, `AdaptiveK`, `SmartSpec`
 (one k for the batch, 0 included, by goodput: the point of serving with speculation), and
 `jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `choose_k`
-(SmartSpec) has k chosen between steps, by the host from the state, and each step runs the program
-at that k: k_max + 1 step programs, none with a cond on k around the caches. Strategies whose state depends on the
+(SmartSpec) has k chosen between steps (`prepare_step`, a program of its own) and each step runs
+the program at that k: k_max + 1 step programs, no cond on k in a round. Strategies whose state depends on the
 prompt's width (retrieval over the prompt) are refused.
 
 Randomness: a request's `seed` draws its first token; later rounds draw from the engine's key
@@ -205,10 +205,15 @@ def _step(target_graph, target_state, drafter_graph, drafter_state, state: SlotS
     return state, buffer, count
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def _choose_k(state: SlotState, cancel, *, strategy) -> jax.Array:
-    """int32 `[]`: the k the strategy chooses for the next step's rows (those not done or cancelled)."""
-    return strategy.choose_k(state.carry, ~(state.done | cancel))
+@functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "rounds_per_step"), donate_argnums=(4,))
+def _prepare_step(
+    target_graph, target_state, drafter_graph, drafter_state, state: SlotState, cancel, *, strategy, rounds_per_step
+):
+    """For a strategy choosing per step: the state ready for the next step and its k (int32 `[]`),
+    from the rows that run it (not done, not cancelled)."""
+    _, drafter = _merge(target_graph, target_state, drafter_graph, drafter_state)
+    carry, k = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
+    return dataclasses.replace(state, carry=carry), k
 
 
 def _batch_axes(abstract_1, abstract_2) -> tuple[int | None, ...]:
@@ -272,9 +277,12 @@ class Engine:
         self.cache_size = max_len + strategy.tokens_scored + 1
         self._graphs = (*nnx.split(target), *((None, None) if drafter is None else nnx.split(drafter)))
         self._axes = self._check_servable()
-        # A strategy choosing per step (`at_k`, `choose_k`): its step program at each k.
+        # A strategy choosing per step (`at_k`, `prepare_step`): its step program at each k.
         self._variants = tuple(strategy.at_k(k) for k in range(strategy.k_max + 1)) if hasattr(strategy, "at_k") else None
         self.state = self._empty_state(seed)
+        if self._variants is not None:  # traced only: e.g. SmartSpec refuses more rounds per step than its lag
+            prepare = functools.partial(_prepare_step, strategy=strategy, rounds_per_step=self.rounds_per_step)
+            jax.eval_shape(prepare, *self._graphs, self.state, np.zeros((self.slots,), bool))
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: collections.deque[int] = collections.deque()
@@ -452,8 +460,9 @@ class Engine:
             self._emit(events, Event(request_id, (first,)))
         if not self._slot_of:
             return events
+        strategy = self._step_strategy(cancel)  # first: it may replace the (donated) state
         self.state, buffer, count = _step(
-            *self._graphs, self.state, cancel, strategy=self._step_strategy(cancel), rounds_per_step=self.rounds_per_step
+            *self._graphs, self.state, cancel, strategy=strategy, rounds_per_step=self.rounds_per_step
         )
         buffer, count, done, length, rounds = jax.device_get(
             (buffer, count, self.state.done, self.state.length, self.state.rounds)
@@ -478,11 +487,14 @@ class Engine:
 
     def _step_strategy(self, cancel: np.ndarray):
         """What the next step runs: the strategy, or for one that picks its variant between steps
-        (`at_k`, e.g. SmartSpec: k for the whole step by goodput), that variant: one compiled
-        program per k and no cond on k around the caches."""
+        (`at_k`, e.g. SmartSpec: k for the whole step by goodput), that variant, after its
+        `prepare_step` (a program of its own): one compiled step per k, no cond on k in a round."""
         if self._variants is None:
             return self.strategy
-        return self._variants[int(_choose_k(self.state, cancel, strategy=self.strategy))]
+        self.state, k = _prepare_step(
+            *self._graphs, self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
+        )
+        return self._variants[int(k)]
 
     def _finish(self, events: list[Event], event: Event) -> None:
         """Emit a request's last event and forget the oldest finished requests beyond `keep_finished`."""

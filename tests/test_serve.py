@@ -154,6 +154,8 @@ def test_bad_requests_and_engines_are_refused(models):
         Engine(target, None, jspec.Chain(k=2), slots=2, max_len=30)
     with pytest.raises(ValueError, match="prompt's width"):
         Engine(target, None, KeepsPrompt(), slots=2, max_len=30)
+    with pytest.raises(ValueError, match="lag=3"):  # a step's plain rounds would overflow the drafter's buffer
+        Engine(target, close, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=30, rounds_per_step=4)
 
 
 @dataclasses.dataclass(frozen=True)

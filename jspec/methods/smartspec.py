@@ -19,13 +19,13 @@ is full, one drafter pass takes them in (`ModelDrafter.absorb`).
 
 Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop), the
 drafter's work under a cond on k and the target scoring a prefix of the longest chain. A serving
-engine (`jspec.serve.Engine`) chooses it between its compiled steps (`choose_k`) and runs the step
-at that k (`at_k`, one program per k): no cond around either model's cache, so a k = 0 round costs
-what a plain decoding round does (the in-loop choice made it 1.4 plain rounds: XLA copied the
-caches through the conds; SmolLM2, 16 slots, CPU).
+engine (`jspec.serve.Engine`) chooses it between its compiled steps (`prepare_step`, which also
+feeds the drafter its pending roots when due) and runs the step at that k (`at_k`, one program per
+k): no cond in a round, so a k = 0 round costs what a plain decoding round does (the in-loop
+choice made it 1.4 plain rounds: XLA copied the caches through the conds; SmolLM2, 16 slots, CPU).
 
-The acceptance estimate is
-SmartSpec's: exponentially decayed counts of accepted and tried drafts per row (as `AdaptiveK`).
+The acceptance estimate is SmartSpec's: exponentially decayed counts of accepted and tried drafts
+per row (as `AdaptiveK`).
 A new request's estimate starts at the batch's (decayed counts over every row, after `prior`).
 A k = 0 round observes no acceptance, so there every count shrinks (weight `relax`): a row's
 estimate relaxes toward the batch's, the batch's toward the prior, and once speculation would pay
@@ -224,18 +224,27 @@ class SmartSpec(SpeculativeStrategy):
         inner, tokens, n_new = commit_round(carry.round, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
         return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
 
+    def prepare_step(self, drafter, carry: SmartSpecCarry, active: jax.Array, rounds: int):
+        """Between a serving engine's steps: k for the next `rounds` rounds (`choose_k`, int32 `[]`)
+        and the carry ready for them, the drafter having taken in the pending roots if that step
+        drafts or if its plain rounds would overflow the buffer (the rounds of `at_k` never catch
+        up, so that no cond sits in them)."""
+        if rounds > self.lag:
+            raise ValueError(f"rounds per step ({rounds}) must be at most SmartSpec's lag={self.lag}")
+        k = self.choose_k(carry, active)
+        pending = jnp.max(jnp.where(active, carry.n_pending, 0))
+        return self._catch_up(drafter, carry, active, (pending > 0) & ((k > 0) | (pending + rounds > self.lag))), k
+
     def round_at(self, k: int, target, drafter, carry: SmartSpecCarry, active, sampling, key):
         """A round at a static k (0: the target alone, as `jspec.Autoregressive`; else a chain of k
-        drafts): no cond around either model's cache, only the drafter's catch-up. The rounds of
-        `at_k(k)`."""
+        drafts) with no cond at all: the rounds of `at_k(k)`, after `prepare_step` (which leaves no
+        pending root before a drafting step, and room for a plain step's)."""
         if k == 0:
-            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending >= self.lag)))
             inner = carry.round
             cache, token = plain_step(target, inner.target_cache, inner.last, active, sampling, key)
             inner = dataclasses.replace(inner, target_cache=cache, last=jnp.where(active, token, inner.last))
             return self._observe(carry, inner, 0, jnp.zeros_like(token), active), token[:, None], jnp.ones_like(token)
         key_draft, key_verify = jax.random.split(key)
-        carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending > 0)))
         drafted = draft_chain(drafter, carry.round.drafter, carry.round.last, k, sampling, key_draft)
         logits, cache, features = score_tree(target, carry.round.target_cache, drafted, drafter.feature_layers)
         verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
@@ -244,7 +253,7 @@ class SmartSpec(SpeculativeStrategy):
 
     def at_k(self, k: int) -> SmartSpecAt:
         """This strategy with every round at k drafts (static): what a serving engine runs for a
-        step after choosing k (`choose_k`) between steps; it shares this strategy's carry."""
+        step after choosing k between steps (`prepare_step`); it shares this strategy's carry."""
         check_int("k", k, 0)
         if k > self.k_max:
             raise ValueError(f"k must be at most k_max={self.k_max}, got {k}")
