@@ -15,7 +15,7 @@ other's state; a row's verdicts are the strategy's, per row).
 
 Any strategy whose state has one row per request serves: Chain, trees, `AdaptiveK`, `SmartSpec`
 (one k for the batch, 0 included, by goodput: the point of serving with speculation), and
-`jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `choose_k`
+`jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `prepare_step`
 (SmartSpec) has k chosen between steps (`prepare_step`, a program of its own) and each step runs
 the program at that k: k_max + 1 step programs, no cond on k in a round. Strategies whose state depends on the
 prompt's width (retrieval over the prompt) are refused.
@@ -345,8 +345,8 @@ class Engine:
         for width in sorted(self.prompt_widths if widths is None else widths):
             self.submit([0] * min(width, self.max_len - 1), max_new_tokens=1)
         self.run()
+        no_cancel = np.zeros((self.slots,), bool)
         for variant in self._variants or ():  # every step program: on the idle state a step runs no round
-            no_cancel = np.zeros((self.slots,), bool)
             self.state, _, _ = _step(*self._graphs, self.state, no_cancel, strategy=variant, rounds_per_step=self.rounds_per_step)
         self.completions.clear()
         self._finished.clear()
