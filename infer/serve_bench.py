@@ -228,11 +228,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             record.update(result, machine=machine(), outputs_equal_first=outputs == reference)
             if method == "smartspec":
                 record["rounds_per_k"] = [int(n) for n in engine.strategy_stats()]
+                record["drafter_restarts"] = engine.drafter_restarts
             records.append(record)
             print(
                 f"  {method:9s} {result['tokens_per_second']:7.1f} tok/s  tau {result['tau']:.2f}  "
                 f"TTFT p50 {result['ttft_ms']['p50']:.0f} ms  TPOT p50 {result['tpot_ms']['p50']:.1f} ms"
                 + (f"  rounds per k {record['rounds_per_k']}" if "rounds_per_k" in record else "")
+                + (f"  drafter restarts {record['drafter_restarts']}" if "drafter_restarts" in record else "")
                 + ("" if record["outputs_equal_first"] else f"  outputs differ from {args.methods[0]}'s")
             )
             del engine

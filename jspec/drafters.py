@@ -130,9 +130,26 @@ class ModelDrafter:
 
     def prefill(self, prefill: Prefill, first_token: jax.Array, width: int) -> ModelDrafterState:
         del first_token, width
-        _, cache, _ = prefill_model(self.model, prefill.prompts, prefill.lengths, prefill.cache.size)
-        prev = jnp.take_along_axis(prefill.prompts, (prefill.lengths - 1)[:, None], axis=1)[:, 0]
-        return ModelDrafterState(truncate(cache, prefill.lengths - 1), prev)
+        return self.start(prefill.prompts, prefill.lengths, prefill.cache.size)
+
+    def start(self, tokens: jax.Array, lengths: jax.Array, cache_size: int) -> ModelDrafterState:
+        """The state in step with rows `tokens [B, W]` (right-padded, `lengths [B]` of them): each
+        row's sequence but its last token, which the next round gets as its root."""
+        _, cache, _ = prefill_model(self.model, tokens, lengths, cache_size)
+        prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
+        return ModelDrafterState(truncate(cache, lengths - 1), prev)
+
+    def restart_row(self, state: ModelDrafterState, row: jax.Array, tokens: jax.Array, length: jax.Array) -> ModelDrafterState:
+        """`state` with row `row` (int32 `[]`) started afresh on `tokens [1, W]` (`length [1]` of
+        them, as `start`), the other rows as they were: a row whose state fell behind (SmartSpec
+        serving at k = 0) back in step from its sequence."""
+        one = self.start(tokens, length, state.cache.size)
+        put = lambda full, new, axis: jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), row, axis)  # noqa: E731
+        cache = dataclasses.replace(
+            state.cache, keys=put(state.cache.keys, one.cache.keys, 1), values=put(state.cache.values, one.cache.values, 1),
+            lengths=put(state.cache.lengths, one.cache.lengths, 0),
+        )  # fmt: skip
+        return ModelDrafterState(cache, put(state.prev, one.prev, 0))
 
     def catch_up(self, state: ModelDrafterState, last: jax.Array) -> tuple[jax.Array, jax.Array, ModelDrafterState]:
         b = last.shape[0]

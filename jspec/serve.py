@@ -111,11 +111,14 @@ def _merge(target_graph, target_state, drafter_graph, drafter_state):
 
 
 def _start(target, drafter, strategy, prompts, lengths, cache_size: int, key, sampling):
-    """Prefill `prompts [b, P]` and start the strategy: (carry, first tokens `[b]`)."""
+    """Prefill `prompts [b, P]` and start the strategy: (carry, first tokens `[b]`). A strategy
+    that can start without its drafter (`init_without_drafter`, SmartSpec) does: the engine
+    restarts the drafter of a row when a step is to draft (`_restart_drafter`)."""
     feature_layers = () if drafter is None else drafter.feature_layers
     logits, cache, features = prefill_model(target, prompts, lengths, cache_size, feature_layers)
     first = sample(key, warp(logits, sampling))
-    return strategy.init(target, drafter, Prefill(prompts, lengths, cache, features), first, sampling), first
+    init = getattr(strategy, "init_without_drafter", strategy.init)
+    return init(target, drafter, Prefill(prompts, lengths, cache, features), first, sampling), first
 
 
 @functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "slots", "width", "cache_size"))
@@ -212,8 +215,18 @@ def _prepare_step(
     """For a strategy choosing per step: the state ready for the next step and its k (int32 `[]`),
     from the rows that run it (not done, not cancelled)."""
     _, drafter = _merge(target_graph, target_state, drafter_graph, drafter_state)
-    carry, k = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
-    return dataclasses.replace(state, carry=carry), k
+    carry, k, restart = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
+    return dataclasses.replace(state, carry=carry), k, restart
+
+
+@functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy"), donate_argnums=(4,))
+def _restart_drafter(
+    target_graph, target_state, drafter_graph, drafter_state, state: SlotState, tokens, length, slot, *, strategy
+):
+    """Row `slot`'s drafter started afresh on its sequence but the last token (`tokens [1, W]`,
+    `length [1]` of them): before a drafting step, for a row admitted or served without it."""
+    _, drafter = _merge(target_graph, target_state, drafter_graph, drafter_state)
+    return dataclasses.replace(state, carry=strategy.restart_drafter(drafter, state.carry, slot, tokens, length))
 
 
 def _batch_axes(abstract_1, abstract_2) -> tuple[int | None, ...]:
@@ -293,6 +306,7 @@ class Engine:
         self._free = list(range(self.slots))
         self.keep_finished = None if keep_finished is None else check_int("keep_finished", keep_finished, 0)
         self._finished: collections.deque[int] = collections.deque()  # finished request ids, oldest first
+        self.drafter_restarts = 0  # rows whose drafter was started afresh before a drafting step (SmartSpec)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -345,11 +359,15 @@ class Engine:
         for width in sorted(self.prompt_widths if widths is None else widths):
             self.submit([0] * min(width, self.max_len - 1), max_new_tokens=1)
         self.run()
+        if self._variants is not None:  # a drafter restart per width (on the idle row 0: harmless)
+            for width in sorted(self.prompt_widths if widths is None else widths):
+                self._restart_row(0, [0] * min(width, self.max_len - 1))
         no_cancel = np.zeros((self.slots,), bool)
         for variant in self._variants or ():  # every step program: on the idle state a step runs no round
             self.state, _, _ = _step(*self._graphs, self.state, no_cancel, strategy=variant, rounds_per_step=self.rounds_per_step)
         self.completions.clear()
         self._finished.clear()
+        self.drafter_restarts = 0
 
     # --- requests (any thread) -----------------------------------------------------------------
 
@@ -491,10 +509,26 @@ class Engine:
         `prepare_step` (a program of its own): one compiled step per k, no cond on k in a round."""
         if self._variants is None:
             return self.strategy
-        self.state, k = _prepare_step(
+        self.state, k, restart = _prepare_step(
             *self._graphs, self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
         )
+        k, restart = jax.device_get((k, restart))
+        if restart.any():
+            for request_id, slot in self._slot_of.items():
+                if restart[slot]:
+                    completion = self.completions[request_id]
+                    self._restart_row(slot, completion.request.prompt + tuple(completion.tokens[:-1]))
         return self._variants[int(k)]
+
+    def _restart_row(self, slot: int, sequence: Sequence[int]) -> None:
+        """Start row `slot`'s drafter afresh on `sequence` (the row's tokens but its last), padded
+        to its `prompt_width`: one program per width, as admissions."""
+        tokens = np.zeros((1, self.prompt_width(len(sequence))), np.int32)
+        tokens[0, : len(sequence)] = sequence
+        self.state = _restart_drafter(
+            *self._graphs, self.state, tokens, np.asarray([len(sequence)], np.int32), np.int32(slot), strategy=self.strategy
+        )
+        self.drafter_restarts += 1
 
     def _finish(self, events: list[Event], event: Event) -> None:
         """Emit a request's last event and forget the oldest finished requests beyond `keep_finished`."""
@@ -553,6 +587,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     engine.state = _replace_carry(engine.state, values)
     engine.completions.clear()
     engine._finished.clear()
+    engine.drafter_restarts = 0
     return np.asarray(seconds)
 
 

@@ -98,6 +98,7 @@ def test_engine_output_equals_each_request_decoded_alone(models, requests, metho
     if method == "smartspec":
         rounds_per_k = engine.strategy_stats()
         assert rounds_per_k[0] > 0 and rounds_per_k[1:].sum() > 0  # both plain and drafting rounds ran
+        assert engine.drafter_restarts > 0  # admitted without a drafter pass: restarted to draft
 
 
 def law_codes(engine: Engine, n: int, temperature: float = 1.0) -> np.ndarray:

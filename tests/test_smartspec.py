@@ -4,6 +4,8 @@ catch-up after plain rounds (`ModelDrafter.absorb`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,7 @@ def carry_with(strategy, alpha: list[float], forced_k: int = -1, n: float = 1e6)
     """A carry whose rows have accepted `alpha` of n drafts (n large: the estimates are alpha)."""
     tried, zero = jnp.full((len(alpha),), n), jnp.zeros(())
     return SmartSpecCarry(
-        None, n * jnp.asarray(alpha), tried, zero, zero, None, None, None, strategy.round_seconds(), jnp.int32(forced_k)
+        None, n * jnp.asarray(alpha), tried, zero, zero, None, None, None, None, strategy.round_seconds(), jnp.int32(forced_k)
     )
 
 
@@ -60,7 +62,7 @@ def test_k_is_the_goodput_argmax_of_the_cost_model():
 def test_a_new_row_starts_at_the_batch_s_estimate_and_plain_rounds_relax_toward_it():
     s = jspec.SmartSpec.from_costs(**CHEAP, prior=0.5, decay=0.5, relax=0.5)
     zeros, zero = jnp.zeros((2,)), jnp.zeros(())
-    pending = (jnp.zeros((2, s.lag), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.zeros((s.k_max + 1,), jnp.int32))
+    pending = (jnp.zeros((2, s.lag), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.zeros((s.k_max + 1,), jnp.int32), zeros > 0)
     root = RoundCarry(None, None, jnp.zeros((2,), jnp.int32))
     carry = SmartSpecCarry(root, zeros, zeros, zero, zero, *pending, s.round_seconds(), jnp.int32(-1))
     np.testing.assert_allclose(s.acceptance(carry), [0.5, 0.5])  # nothing seen yet: the prior
@@ -96,6 +98,34 @@ def test_absorb_brings_the_drafter_in_step():
         seq = list(PROMPTS[row, :6]) + list(roots[row, : int(n[row])]) + [int(last[row])]
         full = causal_logits(model, jnp.asarray([seq], jnp.int32))[0, -1]
         np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(full), atol=2e-4)
+
+
+def test_plain_steps_leave_rows_stale_and_a_restart_brings_the_drafter_in_step():
+    """Serving: before a plain step whose rounds would overflow a row's buffer the row falls out of
+    step (no drafter pass); before a drafting step the active stale rows are to be restarted, and
+    `restart_drafter` on a row's sequence gives the drafter a full pass's next logits."""
+    model = random_model(TINY, seed=3)
+    drafter = ModelDrafter(model)
+    s = jspec.SmartSpec.from_costs(**CHEAP, lag=3)
+    prompts, lengths = jnp.asarray(PROMPTS), jnp.asarray(LENGTHS)
+    _, cache, _ = prefill_model(model, prompts, lengths, 40)
+    carry = s.init(model, drafter, Prefill(prompts, lengths, cache, None), prompts[:, 0], jspec.Sampling())
+    carry = dataclasses.replace(carry, n_pending=jnp.asarray([2, 1, 2], jnp.int32))
+    active = jnp.asarray([True, True, False])
+    plain, k, restart = s.prepare_step(drafter, with_forced_k(carry, 0), active, 2)
+    assert int(k) == 0 and plain.stale.tolist() == [True, False, False] and not restart.any()  # 2 + 2 > lag: row 0
+    assert plain.n_pending.tolist() == [0, 1, 2]  # the idle row 2 is left as it was
+    assert (plain.round.drafter.cache.lengths == carry.round.drafter.cache.lengths).all()  # no drafter pass
+    drafting, k, restart = s.prepare_step(drafter, with_forced_k(plain, 2), active, 2)
+    assert int(k) == 2 and restart.tolist() == [True, False, False]
+    sequence = [int(t) for t in PROMPTS[0]] + [7, 11, 12]  # the row's tokens, its last (13) the next root
+    tokens = jnp.zeros((1, 16), jnp.int32).at[0, : len(sequence)].set(jnp.asarray(sequence))
+    restarted = s.restart_drafter(drafter, drafting, jnp.int32(0), tokens, jnp.asarray([len(sequence)], jnp.int32))
+    assert restarted.stale.tolist() == [False, False, False] and int(restarted.n_pending[0]) == 0
+    logits = drafter.catch_up(restarted.round.drafter, jnp.asarray([13, 0, 0], jnp.int32))[0]
+    full = causal_logits(model, jnp.asarray([sequence + [13]], jnp.int32))[0, -1]
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(full), atol=2e-4)
+    assert int(restarted.round.drafter.cache.lengths[1]) == int(drafting.round.drafter.cache.lengths[1])  # row 1 untouched
 
 
 def test_arguments_are_checked():

@@ -15,7 +15,10 @@ falls to 0: plain decoding, where speculation would slow the batch down.
 
 A k = 0 round runs the target alone, not the drafter. The drafter then falls behind by the rounds'
 roots, kept in a buffer of `lag` tokens per row; before the next drafting round, or when the buffer
-is full, one drafter pass takes them in (`ModelDrafter.absorb`).
+is full, one drafter pass takes them in (`ModelDrafter.absorb`). A serving engine does not even
+do that: it admits requests without starting the drafter, lets a row whose buffer fills fall out
+of step (`stale`), and restarts a stale row's drafter from its sequence only when a step drafts
+(`restart_drafter`), so an engine that keeps choosing k = 0 does plain decoding's work and no more.
 
 Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop), the
 drafter's work under a cond on k and the target scoring a prefix of the longest chain. A serving
@@ -56,7 +59,8 @@ class SmartSpecCarry:
     """The round carry; per row, decayed counts `[B]` of accepted drafts and drafts tried, and the
     roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`); the
     same counts over every row (`batch_accepted`, `batch_tried`, `[]`: a new row's prior);
-    `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); the cost model
+    `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); rows whose drafter
+    state is out of step (`stale [B]`: a serving engine restarts it before drafting); the cost model
     and a forced k, as values (`with_round_seconds`, `with_forced_k`), so that whoever runs the
     strategy can measure and replace them without recompiling."""
 
@@ -68,6 +72,7 @@ class SmartSpecCarry:
     pending: jax.Array
     n_pending: jax.Array
     rounds_per_k: jax.Array
+    stale: jax.Array  # bool [B]: the drafter's state is not in step with the row (serving; module doc)
     round_seconds: jax.Array  # float32 [k_max + 1], the cost model (a value: a server re-measures it)
     forced_k: jax.Array  # int32 [], -1: choose by goodput; else run every round at this k (to measure it)
 
@@ -159,12 +164,30 @@ class SmartSpec(SpeculativeStrategy):
         return jnp.where(carry.forced_k >= 0, carry.forced_k, best)
 
     def init(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
-        if not hasattr(drafter, "absorb"):
-            raise ValueError(
-                f"SmartSpec needs a language-model drafter (a jspec.models.Transformer), got {type(drafter).__name__}"
-            )
-        carry = super().init(target, drafter, prefill, first_token, sampling)
-        b = first_token.shape[0]
+        _check_drafter(drafter)
+        return self._carry(super().init(target, drafter, prefill, first_token, sampling), stale=False)
+
+    def init_without_drafter(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
+        """As `init`, but with no drafter pass: every row stale (its drafter state zeros) until
+        `restart_drafter`. How a serving engine admits a request: a row served at k = 0 throughout
+        never runs the drafter."""
+        _check_drafter(drafter)
+        shapes = jax.eval_shape(lambda: drafter.prefill(prefill, first_token, self.tokens_per_round))
+        state = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+        return self._carry(RoundCarry(prefill.cache, state, first_token), stale=True)
+
+    def restart_drafter(self, drafter, carry: SmartSpecCarry, row: jax.Array, tokens: jax.Array, length: jax.Array):
+        """The carry with row `row`'s drafter started afresh on `tokens [1, W]` (`length [1]` of
+        them): the row's sequence (prompt and emitted tokens) but its last, the next root. What a
+        serving engine runs for a stale row before a drafting step (`prepare_step`)."""
+        state = drafter.restart_row(carry.round.drafter, row, tokens, length)
+        return dataclasses.replace(
+            carry, round=dataclasses.replace(carry.round, drafter=state), stale=carry.stale.at[row].set(False),
+            n_pending=carry.n_pending.at[row].set(0),
+        )  # fmt: skip
+
+    def _carry(self, carry: RoundCarry, stale: bool) -> SmartSpecCarry:
+        b = carry.last.shape[0]
         return SmartSpecCarry(
             round=carry,
             accepted=jnp.zeros((b,), jnp.float32),
@@ -174,6 +197,7 @@ class SmartSpec(SpeculativeStrategy):
             pending=jnp.zeros((b, self.lag), jnp.int32),
             n_pending=jnp.zeros((b,), jnp.int32),
             rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
+            stale=jnp.full((b,), stale),
             round_seconds=self.round_seconds(),
             forced_k=jnp.asarray(-1, jnp.int32),
         )
@@ -225,15 +249,21 @@ class SmartSpec(SpeculativeStrategy):
         return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
 
     def prepare_step(self, drafter, carry: SmartSpecCarry, active: jax.Array, rounds: int):
-        """Between a serving engine's steps: k for the next `rounds` rounds (`choose_k`, int32 `[]`)
-        and the carry ready for them, the drafter having taken in the pending roots if that step
-        drafts or if its plain rounds would overflow the buffer (the rounds of `at_k` never catch
-        up, so that no cond sits in them)."""
+        """Between a serving engine's steps: k for the next `rounds` rounds (`choose_k`, int32 `[]`),
+        the carry ready for them, and the rows whose drafter the engine must restart first
+        (`restart_drafter`; bool `[B]`). Before a drafting step the rows in step take in their
+        pending roots; before a plain step a row whose buffer those rounds would overflow falls out
+        of step (stale) instead of running the drafter. The rounds of `at_k` never catch up, so no
+        cond sits in them."""
         if rounds > self.lag:
             raise ValueError(f"rounds per step ({rounds}) must be at most SmartSpec's lag={self.lag}")
         k = self.choose_k(carry, active)
-        pending = jnp.max(jnp.where(active, carry.n_pending, 0))
-        return self._catch_up(drafter, carry, active, (pending > 0) & ((k > 0) | (pending + rounds > self.lag))), k
+        drafting = k > 0
+        in_step = active & ~carry.stale
+        carry = self._catch_up(drafter, carry, in_step, drafting & jnp.any(in_step & (carry.n_pending > 0)))
+        stale = carry.stale | (active & ~drafting & (carry.n_pending + rounds > self.lag))
+        carry = dataclasses.replace(carry, stale=stale, n_pending=jnp.where(stale, 0, carry.n_pending))
+        return carry, k, active & stale & drafting
 
     def round_at(self, k: int, target, drafter, carry: SmartSpecCarry, active, sampling, key):
         """A round at a static k (0: the target alone, as `jspec.Autoregressive`; else a chain of k
@@ -310,6 +340,11 @@ class SmartSpecAt:
 
     def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
         return self.spec.round_at(self.k, target, drafter, carry, active, sampling, key)
+
+
+def _check_drafter(drafter) -> None:
+    if not hasattr(drafter, "absorb"):
+        raise ValueError(f"SmartSpec needs a language-model drafter (a jspec.models.Transformer), got {type(drafter).__name__}")
 
 
 def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTree:
