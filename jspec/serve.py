@@ -17,8 +17,11 @@ Any strategy whose state has one row per request serves: Chain, trees, `Adaptive
 (one k for the batch, 0 included, by goodput: the point of serving with speculation), and
 `jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `prepare_step`
 (SmartSpec) has k chosen between steps (`prepare_step`, a program of its own) and each step runs
-the program at that k: k_max + 1 step programs, no cond on k in a round. Strategies whose state depends on the
-prompt's width (retrieval over the prompt) are refused.
+the program at that k: k_max + 1 step programs, no cond on k in a round. Such a strategy's rows are
+admitted without a drafter pass, and a row's drafter, left behind by plain steps, is restarted from
+the row's tokens (host-side, one program per width) only before a step that drafts: an engine that
+keeps choosing k = 0 does plain decoding's work. Strategies whose state depends on the prompt's
+width (retrieval over the prompt) are refused.
 
 Randomness: a request's `seed` draws its first token; later rounds draw from the engine's key
 folded with the step count, shared by the batch (a round samples all rows at once). So a sampled
@@ -208,24 +211,22 @@ def _step(target_graph, target_state, drafter_graph, drafter_state, state: SlotS
     return state, buffer, count
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy", "rounds_per_step"), donate_argnums=(4,))
-def _prepare_step(
-    target_graph, target_state, drafter_graph, drafter_state, state: SlotState, cancel, *, strategy, rounds_per_step
-):
-    """For a strategy choosing per step: the state ready for the next step and its k (int32 `[]`),
-    from the rows that run it (not done, not cancelled)."""
-    _, drafter = _merge(target_graph, target_state, drafter_graph, drafter_state)
+@functools.partial(jax.jit, static_argnames=("drafter_graph", "strategy", "rounds_per_step"), donate_argnums=(2,))
+def _prepare_step(drafter_graph, drafter_state, state: SlotState, cancel, *, strategy, rounds_per_step):
+    """For a strategy choosing per step: the state ready for the next step, its k (int32 `[]`) and
+    the rows whose drafter to restart first, from the rows that run it (not done, not cancelled).
+    It takes the drafter alone: passing the target's hundreds of weight arrays to a jitted call
+    costs milliseconds of the host's time per step."""
+    drafter = as_drafter(nnx.merge(drafter_graph, drafter_state))
     carry, k, restart = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
     return dataclasses.replace(state, carry=carry), k, restart
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "drafter_graph", "strategy"), donate_argnums=(4,))
-def _restart_drafter(
-    target_graph, target_state, drafter_graph, drafter_state, state: SlotState, tokens, length, slot, *, strategy
-):
+@functools.partial(jax.jit, static_argnames=("drafter_graph", "strategy"), donate_argnums=(2,))
+def _restart_drafter(drafter_graph, drafter_state, state: SlotState, tokens, length, slot, *, strategy):
     """Row `slot`'s drafter started afresh on its sequence but the last token (`tokens [1, W]`,
     `length [1]` of them): before a drafting step, for a row admitted or served without it."""
-    _, drafter = _merge(target_graph, target_state, drafter_graph, drafter_state)
+    drafter = as_drafter(nnx.merge(drafter_graph, drafter_state))
     return dataclasses.replace(state, carry=strategy.restart_drafter(drafter, state.carry, slot, tokens, length))
 
 
@@ -295,7 +296,7 @@ class Engine:
         self.state = self._empty_state(seed)
         if self._variants is not None:  # traced only: e.g. SmartSpec refuses more rounds per step than its lag
             prepare = functools.partial(_prepare_step, strategy=strategy, rounds_per_step=self.rounds_per_step)
-            jax.eval_shape(prepare, *self._graphs, self.state, np.zeros((self.slots,), bool))
+            jax.eval_shape(prepare, *self._graphs[2:], self.state, np.zeros((self.slots,), bool))
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: collections.deque[int] = collections.deque()
@@ -510,7 +511,7 @@ class Engine:
         if self._variants is None:
             return self.strategy
         self.state, k, restart = _prepare_step(
-            *self._graphs, self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
+            *self._graphs[2:], self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
         )
         k, restart = jax.device_get((k, restart))
         if restart.any():
@@ -526,7 +527,7 @@ class Engine:
         tokens = np.zeros((1, self.prompt_width(len(sequence))), np.int32)
         tokens[0, : len(sequence)] = sequence
         self.state = _restart_drafter(
-            *self._graphs, self.state, tokens, np.asarray([len(sequence)], np.int32), np.int32(slot), strategy=self.strategy
+            *self._graphs[2:], self.state, tokens, np.asarray([len(sequence)], np.int32), np.int32(slot), strategy=self.strategy
         )
         self.drafter_restarts += 1
 
@@ -542,6 +543,13 @@ class Engine:
         while not self.idle:
             self.step()
         return self.completions
+
+    def update_strategy_state(self, update: Callable, *args) -> None:
+        """Replace the strategy's state (the carry of every slot) by `update(carry, *args)`, e.g.
+        `jspec.methods.smartspec.with_forced_k`, in a compiled program: arrays made on the host
+        would make the next admission and step compile again. `update` is static (a module-level
+        function compiles once), `args` are values."""
+        self.state = _update_carry(self.state, update, *args)
 
     def strategy_stats(self):
         """The strategy's own counters over the engine's life (`strategy.stats`, e.g. SmartSpec's
@@ -560,7 +568,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     `prompt_len` tokens and times them (`steps` steps after an untimed one). Returns the seconds per
     round `[k_max + 1]`. The engine must be idle; it is idle again afterwards, with no completions
     kept."""
-    from jspec.methods.smartspec import SmartSpec
+    from jspec.methods.smartspec import SmartSpec, with_forced_k
 
     strategy = engine.strategy
     if not isinstance(strategy, SmartSpec):
@@ -571,7 +579,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     prompt_len = min(prompt_len, engine.max_len // 2)
     seconds = []
     for k in range(strategy.k_max + 1):
-        engine.state = _replace_carry(engine.state, {"forced_k": jnp.int32(k)})
+        engine.update_strategy_state(with_forced_k, np.int32(k))
         max_new = min(engine.max_len - prompt_len, (steps + 2) * engine.rounds_per_step * (k + 1))
         ids = [engine.submit([0] * prompt_len, max_new_tokens=max_new) for _ in range(engine.slots)]
         engine.step()  # admits them all: the timed steps only decode
@@ -582,17 +590,22 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
         for request_id in ids:
             engine.cancel(request_id)
         engine.run()
-    values = {"forced_k": jnp.int32(-1), "round_seconds": jnp.asarray(seconds, jnp.float32)}
-    values["rounds_per_k"] = jnp.zeros_like(engine.state.carry.rounds_per_k)  # count served rounds only
-    engine.state = _replace_carry(engine.state, values)
+    engine.update_strategy_state(_calibrated, np.asarray(seconds, np.float32))
     engine.completions.clear()
     engine._finished.clear()
     engine.drafter_restarts = 0
     return np.asarray(seconds)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _replace_carry(state: SlotState, values: dict) -> SlotState:
-    """The state with the carry's fields `values` replaced, computed by a compiled program: arrays
-    made on the host would make the next admission and step compile again."""
-    return dataclasses.replace(state, carry=dataclasses.replace(state.carry, **values))
+def _calibrated(carry, seconds):
+    """The SmartSpec carry choosing k by goodput on the measured `seconds` per round, the
+    calibration's rounds not counted."""
+    from jspec.methods.smartspec import with_forced_k, with_round_seconds
+
+    carry = with_forced_k(with_round_seconds(carry, seconds), -1)
+    return dataclasses.replace(carry, rounds_per_k=jnp.zeros_like(carry.rounds_per_k))
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
+def _update_carry(state: SlotState, update: Callable, *args) -> SlotState:
+    return dataclasses.replace(state, carry=update(state.carry, *args))

@@ -187,7 +187,7 @@ def test_calibration_measures_each_k_and_sets_the_cost_model(models):
     np.testing.assert_allclose(np.asarray(carry.round_seconds), seconds, rtol=1e-6)
     assert int(carry.forced_k) == -1 and not np.asarray(engine.strategy_stats()).any()  # calibration rounds not counted
     assert engine.idle and engine.completions == {}
-    engine.state = dataclasses.replace(engine.state, carry=with_forced_k(engine.state.carry, 2))
+    engine.update_strategy_state(with_forced_k, 2)
     engine.submit([1, 2, 3], max_new_tokens=9)
     engine.run()
     rounds_per_k = np.asarray(engine.strategy_stats())

@@ -61,8 +61,9 @@ class SmartSpecCarry:
     same counts over every row (`batch_accepted`, `batch_tried`, `[]`: a new row's prior);
     `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); rows whose drafter
     state is out of step (`stale [B]`: a serving engine restarts it before drafting); the cost model
-    and a forced k, as values (`with_round_seconds`, `with_forced_k`), so that whoever runs the
-    strategy can measure and replace them without recompiling."""
+    and a forced k, as values (`with_round_seconds`, `with_forced_k`; in a serving engine through
+    `Engine.update_strategy_state`), so that whoever runs the strategy can measure and replace them
+    without recompiling."""
 
     round: RoundCarry
     accepted: jax.Array
@@ -209,14 +210,14 @@ class SmartSpec(SpeculativeStrategy):
     def _catch_up(self, drafter, carry: SmartSpecCarry, active: jax.Array, when: jax.Array) -> SmartSpecCarry:
         """Feed the active rows' pending roots to the drafter if `when` (bool `[]`)."""
 
-        def absorb(carry: SmartSpecCarry) -> SmartSpecCarry:
-            n = jnp.where(active, carry.n_pending, 0)
-            state = drafter.absorb(carry.round.drafter, carry.pending, n)
-            return dataclasses.replace(
-                carry, round=dataclasses.replace(carry.round, drafter=state), n_pending=carry.n_pending - n
-            )
+        # Only the drafter's state goes through the cond: XLA copies what a cond passes through,
+        # and the target's cache passed along cost a step 2% at 4 slots (SmolLM2, CPU).
+        def absorb(state, n_pending):
+            n = jnp.where(active, n_pending, 0)
+            return drafter.absorb(state, carry.pending, n), n_pending - n
 
-        return jax.lax.cond(when, absorb, lambda carry: carry, carry)
+        state, n_pending = jax.lax.cond(when, absorb, lambda *operands: operands, carry.round.drafter, carry.n_pending)
+        return dataclasses.replace(carry, round=dataclasses.replace(carry.round, drafter=state), n_pending=n_pending)
 
     def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
         """A round whose k is chosen here, on the device, from the carry (`jspec.decode`'s loop): the
@@ -372,6 +373,6 @@ def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
     return dataclasses.replace(carry, round_seconds=jnp.asarray(seconds, jnp.float32).reshape(carry.round_seconds.shape))
 
 
-def with_forced_k(carry: SmartSpecCarry, k: int | None) -> SmartSpecCarry:
-    """The carry running every round at k (None: back to choosing by goodput)."""
+def with_forced_k(carry: SmartSpecCarry, k) -> SmartSpecCarry:
+    """The carry running every round at k (None or -1: back to choosing by goodput)."""
     return dataclasses.replace(carry, forced_k=jnp.asarray(-1 if k is None else k, jnp.int32))
