@@ -128,12 +128,12 @@ def _binned_pvalue(draws: np.ndarray, p: np.ndarray, bins: list[np.ndarray]) -> 
 
 @pytest.mark.parametrize("sampler", ["sample", "running_sum"])
 def test_sample_gives_each_tail_token_its_mass_at_a_real_vocabulary_size(sampler):
-    """At V = 49152, 400k draws follow the exact law, binned so that tail tokens a float32 running
+    """At V = 49152, 300k draws follow the exact law, binned so that tail tokens a float32 running
     sum would never draw form bins of their own; the same test rejects that running sum (the
     inverse-CDF sampler jspec used before)."""
     p, bins = _long_tail()
     assert len(bins) > 11  # some tail tokens do get an empty running-sum interval
-    probs, n = jnp.asarray(p, jnp.float32), 400_000
+    probs, n = jnp.asarray(p, jnp.float32), 300_000  # 67 draws expected in the bin a running sum never reaches
     if sampler == "sample":
         draws = np.asarray(jax.jit(jax.vmap(sample, in_axes=(0, None)))(jax.random.split(jax.random.key(0), n), probs))
     else:
