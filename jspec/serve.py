@@ -109,8 +109,11 @@ class SlotState:
 
 
 def _merge(target_graph, target_state, drafter_graph, drafter_state):
-    target = nnx.merge(target_graph, target_state)
-    return target, (None if drafter_graph is None else as_drafter(nnx.merge(drafter_graph, drafter_state)))
+    return nnx.merge(target_graph, target_state), _merge_drafter(drafter_graph, drafter_state)
+
+
+def _merge_drafter(drafter_graph, drafter_state):
+    return None if drafter_graph is None else as_drafter(nnx.merge(drafter_graph, drafter_state))
 
 
 def _start(target, drafter, strategy, prompts, lengths, cache_size: int, key, sampling):
@@ -217,7 +220,7 @@ def _prepare_step(drafter_graph, drafter_state, state: SlotState, cancel, *, str
     the rows whose drafter to restart first, from the rows that run it (not done, not cancelled).
     It takes the drafter alone: passing the target's hundreds of weight arrays to a jitted call
     costs milliseconds of the host's time per step."""
-    drafter = as_drafter(nnx.merge(drafter_graph, drafter_state))
+    drafter = _merge_drafter(drafter_graph, drafter_state)
     carry, k, restart = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
     return dataclasses.replace(state, carry=carry), k, restart
 
@@ -226,7 +229,7 @@ def _prepare_step(drafter_graph, drafter_state, state: SlotState, cancel, *, str
 def _restart_drafter(drafter_graph, drafter_state, state: SlotState, tokens, length, slot, *, strategy):
     """Row `slot`'s drafter started afresh on its sequence but the last token (`tokens [1, W]`,
     `length [1]` of them): before a drafting step, for a row admitted or served without it."""
-    drafter = as_drafter(nnx.merge(drafter_graph, drafter_state))
+    drafter = _merge_drafter(drafter_graph, drafter_state)
     return dataclasses.replace(state, carry=strategy.restart_drafter(drafter, state.carry, slot, tokens, length))
 
 
@@ -357,12 +360,13 @@ class Engine:
         queued); leaves no completion behind."""
         if not self.idle:
             raise ValueError("warm_up needs an idle engine")
-        for width in sorted(self.prompt_widths if widths is None else widths):
-            self.submit([0] * min(width, self.max_len - 1), max_new_tokens=1)
+        sequences = [[0] * min(width, self.max_len - 1) for width in sorted(self.prompt_widths if widths is None else widths)]
+        for sequence in sequences:
+            self.submit(sequence, max_new_tokens=1)
         self.run()
         if self._variants is not None:  # a drafter restart per width (on the idle row 0: harmless)
-            for width in sorted(self.prompt_widths if widths is None else widths):
-                self._restart_row(0, [0] * min(width, self.max_len - 1))
+            for sequence in sequences:
+                self._restart_row(0, sequence)
         no_cancel = np.zeros((self.slots,), bool)
         for variant in self._variants or ():  # every step program: on the idle state a step runs no round
             self.state, _, _ = _step(*self._graphs, self.state, no_cancel, strategy=variant, rounds_per_step=self.rounds_per_step)
