@@ -10,12 +10,15 @@ The decode loop (`jspec.decode`) knows a strategy only through this protocol:
     init(target, drafter, prefill, first_token, sampling) -> carry
     round(target, drafter, carry, active, sampling, key) -> (carry, new_tokens [B, E], n_new [B])
 
-A strategy may also bring `k_max`, `at_k(k)`, a strategy sharing its carry whose every round runs
-at the static k, `prepare_step(drafter, carry, active, rounds) -> (carry, k, restart [B])`,
-`init_without_drafter` (as `init`, with no drafter pass) and `restart_drafter(drafter, carry, row,
-tokens [1, W], length [1]) -> carry`: a serving engine then admits requests without running the
-drafter, picks k between compiled steps, restarts the drafter of the rows `restart` names from their
-sequences, and runs one program per k (`jspec.serve`, SmartSpec).
+A strategy may also choose its draft length per serving step (`jspec.serve`, SmartSpec). It then
+brings all of `STEP_API` (`jspec.serve`): `k_max`, `at_k(k)`, a strategy sharing its carry whose
+every round runs at the static k (`needs_drafter` False at k = 0),
+`prepare_step(drafter, carry, active, rounds) -> (carry, k, restart [B])`, `init_without_drafter`
+(as `init`, with no drafter pass), `restart_drafter(drafter, carry, row, tokens [1, W], length [1])
+-> carry`, and `without_drafter(carry) -> (carry, drafter state)` with its inverse
+`with_drafter(carry, state)`. A serving engine then admits requests without running the drafter,
+picks k between compiled steps, restarts the drafter of the rows `restart` names from their
+sequences, and runs one program per k, the k = 0 one with no drafter in it.
 
 `target` is the merged target model, `drafter` a `jspec.drafters.Drafter` (None for decoding
 without one), `prefill` the target's `jspec.drafters.Prefill`; a round must leave rows whose

@@ -233,6 +233,19 @@ def _restart_drafter(drafter_graph, drafter_state, state: SlotState, tokens, len
     return dataclasses.replace(state, carry=strategy.restart_drafter(drafter, state.carry, slot, tokens, length))
 
 
+STEP_API = ("k_max", "at_k", "prepare_step", "init_without_drafter", "restart_drafter", "without_drafter", "with_drafter")
+
+
+def _chooses_per_step(strategy) -> bool:
+    """Whether `strategy` picks its draft length between steps (`jspec.rounds`: all of `STEP_API`);
+    ValueError for one bringing part of it, which the engine could not run as either kind."""
+    present = [name for name in STEP_API if hasattr(strategy, name)]
+    if present and len(present) < len(STEP_API) and present != ["k_max"]:  # k_max alone: e.g. AdaptiveK
+        missing = [name for name in STEP_API if name not in present]
+        raise ValueError(f"strategy {strategy!r} brings {present} of the per-step protocol but not {missing}")
+    return len(present) == len(STEP_API)
+
+
 def _batch_axes(abstract_1, abstract_2) -> tuple[int | None, ...]:
     """Per carry leaf, the axis that grows with the batch (from its shapes at batch 1 and 2), or
     None for a leaf without one."""
@@ -295,7 +308,7 @@ class Engine:
         self._graphs = (*nnx.split(target), *((None, None) if drafter is None else nnx.split(drafter)))
         self._axes = self._check_servable()
         # A strategy choosing per step (`at_k`, `prepare_step`): its step program at each k.
-        self._variants = tuple(strategy.at_k(k) for k in range(strategy.k_max + 1)) if hasattr(strategy, "at_k") else None
+        self._variants = tuple(strategy.at_k(k) for k in range(strategy.k_max + 1)) if _chooses_per_step(strategy) else None
         self.state = self._empty_state(seed)
         if self._variants is not None:  # traced only: e.g. SmartSpec refuses more rounds per step than its lag
             prepare = functools.partial(_prepare_step, strategy=strategy, rounds_per_step=self.rounds_per_step)
@@ -367,9 +380,8 @@ class Engine:
         if self._variants is not None:  # a drafter restart per width (on the idle row 0: harmless)
             for sequence in sequences:
                 self._restart_row(0, sequence)
-        no_cancel = np.zeros((self.slots,), bool)
         for variant in self._variants or ():  # every step program: on the idle state a step runs no round
-            self.state, _, _ = _step(*self._graphs, self.state, no_cancel, strategy=variant, rounds_per_step=self.rounds_per_step)
+            self._run_step(variant, np.zeros((self.slots,), bool))
         self.completions.clear()
         self._finished.clear()
         self.drafter_restarts = 0
@@ -483,10 +495,7 @@ class Engine:
             self._emit(events, Event(request_id, (first,)))
         if not self._slot_of:
             return events
-        strategy = self._step_strategy(cancel)  # first: it may replace the (donated) state
-        self.state, buffer, count = _step(
-            *self._graphs, self.state, cancel, strategy=strategy, rounds_per_step=self.rounds_per_step
-        )
+        buffer, count = self._run_step(self._step_strategy(cancel), cancel)
         buffer, count, done, length, rounds = jax.device_get(
             (buffer, count, self.state.done, self.state.length, self.state.rounds)
         )
@@ -524,6 +533,21 @@ class Engine:
                     completion = self.completions[request_id]
                     self._restart_row(slot, completion.request.prompt + tuple(completion.tokens[:-1]))
         return self._variants[int(k)]
+
+    def _run_step(self, strategy, cancel: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Run one compiled step of `strategy` (the strategy or a variant of it); returns the tokens
+        each slot kept and how many. A variant that drafts nothing (`needs_drafter` False, e.g.
+        SmartSpec at k = 0) runs without the drafter: its state stays out of the step's loop
+        (`without_drafter`) and its weights out of the call, so the step is plain decoding's."""
+        state, graphs, drafter_state = self.state, self._graphs, None
+        if strategy is not self.strategy and not getattr(strategy, "needs_drafter", True):
+            carry, drafter_state = self.strategy.without_drafter(state.carry)
+            state, graphs = dataclasses.replace(state, carry=carry), (*self._graphs[:2], None, None)
+        state, buffer, count = _step(*graphs, state, cancel, strategy=strategy, rounds_per_step=self.rounds_per_step)
+        if drafter_state is not None:
+            state = dataclasses.replace(state, carry=self.strategy.with_drafter(state.carry, drafter_state))
+        self.state = state
+        return buffer, count
 
     def _restart_row(self, slot: int, sequence: Sequence[int]) -> None:
         """Start row `slot`'s drafter afresh on `sequence` (the row's tokens but its last), padded

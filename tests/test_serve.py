@@ -157,6 +157,18 @@ def test_bad_requests_and_engines_are_refused(models):
         Engine(target, None, KeepsPrompt(), slots=2, max_len=30)
     with pytest.raises(ValueError, match="lag=3"):  # a step's plain rounds would overflow the drafter's buffer
         Engine(target, close, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=30, rounds_per_step=4)
+    with pytest.raises(ValueError, match="not .*'prepare_step'"):  # half of the per-step protocol
+        Engine(target, None, ChoosesKWithoutPreparing(), slots=2, max_len=30)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoosesKWithoutPreparing(jspec.Autoregressive):
+    """A strategy with a step program per k but no `prepare_step` (nor the rest): refused."""
+
+    k_max = 1
+
+    def at_k(self, k):
+        return self
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,7 +132,17 @@ class SmartSpec(SpeculativeStrategy):
 
     @property
     def tokens_scored(self) -> int:
-        return max(self.k_max + 1, self.lag)  # the drafter's catch-up pass writes `lag` slots
+        return self.k_max + 1
+
+    def drafter_cache_size(self, target_cache_size: int) -> int:
+        """The drafter's cache slots: the target's, plus what the drafter's catch-up pass (`lag`
+        slots past its committed length) writes beyond a round's k_max + 1. The target's cache
+        keeps only a round's slack: at k = 0 a step reads all of it, and a longer cache costs
+        every plain round."""
+        return target_cache_size + max(0, self.lag - self.k_max - 1)
+
+    def _start_drafter(self, drafter, prefill):
+        return drafter.start(prefill.prompts, prefill.lengths, self.drafter_cache_size(prefill.cache.size))
 
     @property
     def score_sizes(self) -> tuple[int, ...]:
@@ -165,15 +175,16 @@ class SmartSpec(SpeculativeStrategy):
         return jnp.where(carry.forced_k >= 0, carry.forced_k, best)
 
     def init(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
+        del target, sampling
         _check_drafter(drafter)
-        return self._carry(super().init(target, drafter, prefill, first_token, sampling), stale=False)
+        return self._carry(RoundCarry(prefill.cache, self._start_drafter(drafter, prefill), first_token), stale=False)
 
     def init_without_drafter(self, target, drafter, prefill, first_token, sampling) -> SmartSpecCarry:
         """As `init`, but with no drafter pass: every row stale (its drafter state zeros) until
         `restart_drafter`. How a serving engine admits a request: a row served at k = 0 throughout
         never runs the drafter."""
         _check_drafter(drafter)
-        shapes = jax.eval_shape(lambda: drafter.prefill(prefill, first_token, self.tokens_per_round))
+        shapes = jax.eval_shape(lambda: self._start_drafter(drafter, prefill))
         state = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
         return self._carry(RoundCarry(prefill.cache, state, first_token), stale=True)
 
@@ -282,6 +293,16 @@ class SmartSpec(SpeculativeStrategy):
         inner, tokens, n_new = commit_round(carry.round, drafter, drafted, cache, features, verdict, active, k + 1)
         return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
 
+    def without_drafter(self, carry: SmartSpecCarry) -> tuple[SmartSpecCarry, object]:
+        """The carry without the drafter's state (None in its place), and that state: what a
+        serving engine's k = 0 step carries (`at_k(0)` never reads the drafter), so that a plain
+        step's program holds the target's state alone, as plain decoding's does."""
+        return dataclasses.replace(carry, round=dataclasses.replace(carry.round, drafter=None)), carry.round.drafter
+
+    def with_drafter(self, carry: SmartSpecCarry, state) -> SmartSpecCarry:
+        """The carry with the drafter's `state` put back (`without_drafter`'s inverse)."""
+        return dataclasses.replace(carry, round=dataclasses.replace(carry.round, drafter=state))
+
     def at_k(self, k: int) -> SmartSpecAt:
         """This strategy with every round at k drafts (static): what a serving engine runs for a
         step after choosing k between steps (`prepare_step`); it shares this strategy's carry."""
@@ -323,6 +344,11 @@ class SmartSpecAt:
     lossy = False
 
     @property
+    def needs_drafter(self) -> bool:
+        """False at k = 0: the step runs on `spec.without_drafter`'s carry, with no drafter."""
+        return self.k > 0
+
+    @property
     def tokens_per_round(self) -> int:
         return self.spec.tokens_per_round
 
@@ -344,7 +370,7 @@ class SmartSpecAt:
 
 
 def _check_drafter(drafter) -> None:
-    if not hasattr(drafter, "absorb"):
+    if not (hasattr(drafter, "absorb") and hasattr(drafter, "start")):
         raise ValueError(f"SmartSpec needs a language-model drafter (a jspec.models.Transformer), got {type(drafter).__name__}")
 
 
