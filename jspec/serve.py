@@ -350,11 +350,14 @@ class Engine:
         # Strong types, as every later state has: a weakly typed leaf (e.g. from jnp.full(.., 2.0))
         # would make the first admission's program a different one from all later admissions'.
         carry = jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), carry)
-        return SlotState(
+        # Committed to the device, as every state a step returns is once the weights are (loaded
+        # ones are): the first admission after a step would otherwise compile its program again.
+        state = SlotState(
             carry=carry, length=jnp.zeros((s,), jnp.int32), done=jnp.ones((s,), bool), max_new=jnp.zeros((s,), jnp.int32),
             eos=jnp.full((s,), -1, jnp.int32), temperature=jnp.zeros((s,)), top_p=jnp.ones((s,)),
             rounds=jnp.zeros((s,), jnp.int32), key=jax.random.key(check_int("seed", seed, 0)), step=jnp.zeros((), jnp.int32),
         )  # fmt: skip
+        return jax.device_put(state, jax.devices()[0])
 
     def prompt_width(self, n: int) -> int:
         """The padded width a prompt of n tokens is prefilled at: the next power of two from 16,
@@ -586,16 +589,18 @@ class Engine:
         return None if stats is None else jax.device_get(stats(self.state.carry))
 
 
-def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3) -> np.ndarray:
+def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3, passes: int = 2) -> np.ndarray:
     """Measure what a round of the engine's `SmartSpec` costs at each k = 0 .. k_max, with every slot
     busy, and make it the strategy's cost model (in the engine's state: nothing recompiles).
 
     A round's real cost is more than the target's pass over k + 1 tokens: the drafter's k steps,
     verification, committing, sampling and the host's share of each step, all growing with the
     batch. So the engine runs whole steps at each forced k (`with_forced_k`) on `slots` requests of
-    `prompt_len` tokens and times them (`steps` steps after an untimed one). Returns the seconds per
-    round `[k_max + 1]`. The engine must be idle; it is idle again afterwards, with no completions
-    kept."""
+    `prompt_len` tokens and times them (`steps` steps after an untimed one), in `passes` passes over
+    k = 0 .. k_max, every other one in reverse order, and averages them: a machine whose speed
+    drifts during the calibration would otherwise bias the k measured first against the last.
+    Returns the seconds per round `[k_max + 1]`. The engine must be idle; it is idle again
+    afterwards, with no completions kept."""
     from jspec.methods.smartspec import SmartSpec, with_forced_k
 
     strategy = engine.strategy
@@ -604,9 +609,11 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
     if not engine.idle:
         raise ValueError("calibrate_smartspec needs an idle engine")
     check_int("steps", steps, 1)
+    check_int("passes", passes, 1)
     prompt_len = min(prompt_len, engine.max_len // 2)
-    seconds = []
-    for k in range(strategy.k_max + 1):
+    seconds = np.zeros((strategy.k_max + 1,))
+    ks = list(range(strategy.k_max + 1))
+    for k in [k for p in range(passes) for k in (ks if p % 2 == 0 else ks[::-1])]:
         engine.update_strategy_state(with_forced_k, np.int32(k))
         max_new = min(engine.max_len - prompt_len, (steps + 2) * engine.rounds_per_step * (k + 1))
         ids = [engine.submit([0] * prompt_len, max_new_tokens=max_new) for _ in range(engine.slots)]
@@ -614,15 +621,15 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3)
         start, rounds = time.perf_counter(), int(engine.state.step)
         for _ in range(steps):
             engine.step()
-        seconds.append((time.perf_counter() - start) / max(int(engine.state.step) - rounds, 1))
+        seconds[k] += (time.perf_counter() - start) / max(int(engine.state.step) - rounds, 1) / passes
         for request_id in ids:
             engine.cancel(request_id)
         engine.run()
-    engine.update_strategy_state(_calibrated, np.asarray(seconds, np.float32))
+    engine.update_strategy_state(_calibrated, seconds.astype(np.float32))
     engine.completions.clear()
     engine._finished.clear()
     engine.drafter_restarts = 0
-    return np.asarray(seconds)
+    return seconds
 
 
 def _calibrated(carry, seconds):

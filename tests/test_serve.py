@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from test_decode import PROMPT, _codes, _exact_first3, unrelated_small_pair
 
 import jspec
@@ -193,7 +195,7 @@ def test_unknown_and_finished_requests_cancel_quietly(models):
 def test_calibration_measures_each_k_and_sets_the_cost_model(models):
     target, _, poor = models
     engine = Engine(target, poor, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=40, rounds_per_step=2)
-    seconds = calibrate_smartspec(engine, prompt_len=8, steps=2)
+    seconds = calibrate_smartspec(engine, prompt_len=8, steps=1, passes=2)  # k = 0..3, then 3..0
     assert seconds.shape == (4,) and (seconds > 0).all()
     carry = engine.state.carry
     np.testing.assert_allclose(np.asarray(carry.round_seconds), seconds, rtol=1e-6)
@@ -206,3 +208,21 @@ def test_calibration_measures_each_k_and_sets_the_cost_model(models):
     assert rounds_per_k[2] > 0 and rounds_per_k.sum() == rounds_per_k[2]
     with pytest.raises(ValueError, match="SmartSpec"):
         calibrate_smartspec(Engine(target, None, jspec.Autoregressive(), slots=1, max_len=40))
+
+
+def test_after_warm_up_serving_compiles_nothing(models):
+    """`warm_up` compiles every program a request can need, also for weights committed to a device
+    (as loaded ones are): a state whose arrays were not committed made the first admission after a
+    step compile again (seconds for SmolLM2, while serving)."""
+    from jspec.serve import _admit, _prepare_step, _restart_drafter, _step
+
+    target, _, poor = (nnx.merge(graph, jax.device_put(state, jax.devices()[0])) for graph, state in map(nnx.split, models))
+    engine = Engine(target, poor, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=30, rounds_per_step=2)
+    engine.warm_up()
+    programs = (_admit, _step, _prepare_step, _restart_drafter)
+    compiled = [f._cache_size() for f in programs]
+    for n in (3, 9, 17, 2):
+        engine.submit(list(range(1, n + 1)), max_new_tokens=6)
+    engine.run()
+    assert engine.strategy_stats()[0] > 0 and engine.strategy_stats()[1:].sum() > 0  # both kinds of step ran
+    assert [f._cache_size() for f in programs] == compiled
