@@ -16,6 +16,12 @@ tau (`predicted_speedup`).
 
 SmartSpec's cost model is measured on the engine that serves it, at its batch size, before the run
 (`jspec.serve.calibrate_smartspec`): whole rounds at each forced k = 0 .. k_max, every slot busy.
+
+A machine whose speed drifts within minutes favours whichever method runs when it is fast. With
+`--passes 2` or more each concurrency runs the methods again, every other pass in reverse order
+(AR, chain, SmartSpec, then SmartSpec, chain, AR): a record per run (`pass`), and each run's
+speedup is over the mean of AR's runs at that concurrency (`speedup`; `mean_speedup`: the
+method's mean throughput over that mean).
 """
 
 from __future__ import annotations
@@ -124,6 +130,26 @@ def add_predictions(rows: list[dict], k: int) -> None:
         )
 
 
+def run_order(methods: list[str], passes: int) -> list[tuple[int, str]]:
+    """(pass, method) in the order they run at one concurrency: every other pass reversed, so that
+    a drift in the machine's speed weighs on every method alike."""
+    return [(p, m) for p in range(passes) for m in (methods if p % 2 == 0 else methods[::-1])]
+
+
+def add_speedups(records: list[dict]) -> None:
+    """Each record's `speedup` (its throughput over the mean of AR's runs at its concurrency) and
+    `mean_speedup` (its method's mean throughput there over that mean); none without an AR run."""
+    for c in {r["concurrency"] for r in records}:
+        rows = [r for r in records if r["concurrency"] == c]
+        ar = [r["tokens_per_second"] for r in rows if r["method"] == "ar"]
+        if not ar:
+            continue
+        for r in rows:
+            same = [x["tokens_per_second"] for x in rows if x["method"] == r["method"]]
+            r["speedup"] = r["tokens_per_second"] / float(np.mean(ar))
+            r["mean_speedup"] = float(np.mean(same) / np.mean(ar))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -141,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prompt-tokens", type=int, default=128, help="leave out longer prompts (fewer prefill programs; default: 128)"
     )
     parser.add_argument("--rounds-per-step", type=int, default=4, help="rounds per compiled step (default: 4)")
+    parser.add_argument(
+        "--passes", type=int, default=1, help="runs of each method per concurrency, in alternating order (default: 1)"
+    )
     parser.add_argument("--prompts-jsonl", default=default_spec_bench(), help="Spec-Bench's question.jsonl")
     parser.add_argument("--per-category", type=int, default=2, help="prompts per Spec-Bench category (default: 2)")
     return parser
@@ -174,9 +203,10 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
         for ax, (key, label) in zip(axes[0], panels):
             for method in methods:
-                rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["concurrency"])
-                values = [r[key]["p50"] if isinstance(r[key], dict) else r[key] for r in rows]
-                ax.plot([r["concurrency"] for r in rows], values, marker="o", label=method)
+                value = lambda r: r[key]["p50"] if isinstance(r[key], dict) else r[key]  # noqa: E731
+                levels = sorted({r["concurrency"] for r in records if r["method"] == method})
+                values = [np.mean([value(r) for r in records if r["method"] == method and r["concurrency"] == c]) for c in levels]
+                ax.plot(levels, values, marker="o", label=method)  # the mean over passes
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency (= engine slots)")
             ax.set_ylabel(label)
@@ -193,6 +223,8 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.passes < 1:
+        parser.error(f"--passes must be >= 1, got {args.passes}")
     target, drafter, description = models_from_args(parser, args)
     tokenizer = chat_tokenizer(args)
     if tokenizer is not None:
@@ -210,11 +242,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "smartspec": (drafter, smartspec_strategy(args.k_max)),
         }
         reference = None
-        for method in args.methods:
+        for run, method in run_order(args.methods, args.passes):
             engine_drafter, strategy = strategies[method]
             engine = Engine(target, engine_drafter, strategy, slots=c, max_len=args.max_len, rounds_per_step=args.rounds_per_step)
             warm_up(engine, prompts, eos_id)
-            record = {"method": method, "concurrency": c, "slots": c}
+            record = {"method": method, "concurrency": c, "slots": c, "pass": run}
             if method == "smartspec":
                 seconds = calibrate_smartspec(engine)
                 record["round_ms"] = [1000 * float(t) for t in seconds]
@@ -239,14 +271,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             del engine
             jax.clear_caches()
-        add_predictions([r for r in records if r["concurrency"] == c], args.k)
+        add_predictions([r for r in records if r["concurrency"] == c and r["pass"] == 0], args.k)
         with open(args.json, "w") as f:  # after every concurrency: a stopped run keeps what it measured
             json.dump(records, f, indent=1)
-    for c in args.concurrency:
-        rows = {r["method"]: r for r in records if r["concurrency"] == c}
-        if "ar" in rows:
-            for r in rows.values():
-                r["speedup"] = r["tokens_per_second"] / rows["ar"]["tokens_per_second"]
+    add_speedups(records)
     with open(args.json, "w") as f:
         json.dump(records, f, indent=1)
     if args.plots:

@@ -393,3 +393,29 @@ def test_serve_bench_measures_every_method_at_every_concurrency(tmp_path):
     smartspec = [r for r in records if r["method"] == "smartspec"]
     assert all(sum(r["rounds_per_k"]) > 0 and r["predicted_speedup"] > 0 and len(r["round_ms"]) == 4 for r in smartspec)
     assert (tmp_path / "plots" / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_bench_alternates_passes_and_divides_by_ar_s_mean():
+    from infer.serve_bench import add_speedups, run_order
+
+    assert run_order(["ar", "smartspec"], 3) == [
+        (0, "ar"),
+        (0, "smartspec"),
+        (1, "smartspec"),
+        (1, "ar"),
+        (2, "ar"),
+        (2, "smartspec"),
+    ]
+    records = [
+        {"method": m, "concurrency": c, "pass": p, "tokens_per_second": t}
+        for c, p, m, t in [
+            (2, 0, "ar", 10.0),
+            (2, 0, "smartspec", 12.0),
+            (2, 1, "smartspec", 9.0),
+            (2, 1, "ar", 8.0),
+            (4, 0, "chain", 5.0),
+        ]
+    ]
+    add_speedups(records)
+    assert [r.get("speedup") for r in records] == [10 / 9, 12 / 9, 1.0, 8 / 9, None]  # over AR's mean, 9; none without AR
+    assert records[1]["mean_speedup"] == records[2]["mean_speedup"] == 10.5 / 9

@@ -18,7 +18,9 @@ roots, kept in a buffer of `lag` tokens per row; before the next drafting round,
 is full, one drafter pass takes them in (`ModelDrafter.absorb`). A serving engine does not even
 do that: it admits requests without starting the drafter, lets a row whose buffer fills fall out
 of step (`stale`), and restarts a stale row's drafter from its sequence only when a step drafts
-(`restart_drafter`), so an engine that keeps choosing k = 0 does plain decoding's work and no more.
+(`restart_drafter`), and runs its k = 0 steps with the drafter's state set aside
+(`without_drafter`), so an engine that keeps choosing k = 0 runs plain decoding's program, on a
+target cache with a round's slack only (the drafter's cache has its own, `drafter_cache_size`).
 
 Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop), the
 drafter's work under a cond on k and the target scoring a prefix of the longest chain. A serving
