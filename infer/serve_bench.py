@@ -39,7 +39,7 @@ from infer.bench import machine, read_jsonl_prompts
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args
 from infer.spec_bench import default_spec_bench
 from jspec.analysis import alpha_from_tau, expected_tau
-from jspec.serve import Engine, calibrate_smartspec
+from jspec.serve import Engine, alternating_passes, calibrate_smartspec
 
 
 def smartspec_strategy(k_max: int) -> jspec.SmartSpec:
@@ -128,12 +128,6 @@ def add_predictions(rows: list[dict], k: int) -> None:
         by_method["smartspec"]["predicted_speedup"] = max(
             predicted_speedup(seconds, j, expected_tau(alpha, j) if j else 1.0) for j in range(len(seconds))
         )
-
-
-def run_order(methods: list[str], passes: int) -> list[tuple[int, str]]:
-    """(pass, method) in the order they run at one concurrency: every other pass reversed, so that
-    a drift in the machine's speed weighs on every method alike."""
-    return [(p, m) for p in range(passes) for m in (methods if p % 2 == 0 else methods[::-1])]
 
 
 def add_speedups(records: list[dict]) -> None:
@@ -242,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "smartspec": (drafter, smartspec_strategy(args.k_max)),
         }
         reference = None
-        for run, method in run_order(args.methods, args.passes):
+        for run, method in alternating_passes(args.methods, args.passes):
             engine_drafter, strategy = strategies[method]
             engine = Engine(target, engine_drafter, strategy, slots=c, max_len=args.max_len, rounds_per_step=args.rounds_per_step)
             warm_up(engine, prompts, eos_id)

@@ -612,8 +612,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3,
     check_int("passes", passes, 1)
     prompt_len = min(prompt_len, engine.max_len // 2)
     seconds = np.zeros((strategy.k_max + 1,))
-    ks = list(range(strategy.k_max + 1))
-    for k in [k for p in range(passes) for k in (ks if p % 2 == 0 else ks[::-1])]:
+    for _, k in alternating_passes(range(strategy.k_max + 1), passes):
         engine.update_strategy_state(with_forced_k, np.int32(k))
         max_new = min(engine.max_len - prompt_len, (steps + 2) * engine.rounds_per_step * (k + 1))
         ids = [engine.submit([0] * prompt_len, max_new_tokens=max_new) for _ in range(engine.slots)]
@@ -630,6 +629,13 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3,
     engine._finished.clear()
     engine.drafter_restarts = 0
     return seconds
+
+
+def alternating_passes(items: Sequence, passes: int) -> list[tuple[int, Any]]:
+    """(pass, item) over `passes` passes through `items`, every other pass in reverse order: timings
+    taken in this order weigh a drift of the machine's speed on every item alike."""
+    items = list(items)
+    return [(p, item) for p in range(passes) for item in (items if p % 2 == 0 else items[::-1])]
 
 
 def _calibrated(carry, seconds):

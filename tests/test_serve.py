@@ -14,7 +14,7 @@ from test_decode import PROMPT, _codes, _exact_first3, unrelated_small_pair
 
 import jspec
 from jspec.methods.smartspec import with_forced_k
-from jspec.serve import Engine, Event, calibrate_smartspec
+from jspec.serve import Engine, Event, alternating_passes, calibrate_smartspec
 
 from conftest import TINY, chi_square_pvalue, perturbed, random_model
 
@@ -226,3 +226,14 @@ def test_after_warm_up_serving_compiles_nothing(models):
     engine.run()
     assert engine.strategy_stats()[0] > 0 and engine.strategy_stats()[1:].sum() > 0  # both kinds of step ran
     assert [f._cache_size() for f in programs] == compiled
+
+
+def test_alternating_passes_reverse_every_other_pass():
+    assert alternating_passes(["ar", "smartspec"], 3) == [
+        (0, "ar"),
+        (0, "smartspec"),
+        (1, "smartspec"),
+        (1, "ar"),
+        (2, "ar"),
+        (2, "smartspec"),
+    ]
