@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from jspec.models import from_gguf, from_hf
-from jspec.models.gguf import unpermute_rotary
+from jspec.models.gguf import GGUFFile, unpermute_rotary
 
 from conftest import causal_logits
 
@@ -204,6 +204,33 @@ def test_the_test_files_use_every_required_tensor_type(family_files):
     family, directory = family_files
     used = {Q(t.tensor_type) for t in gguf.GGUFReader(str(directory / "model.gguf")).tensors}
     assert set(MATRIX_TYPES) <= used
+
+
+def assert_reader_agrees_with_gguf_s(path) -> None:
+    """jspec's GGUF reader gives the metadata and tensors gguf's own `GGUFReader` does."""
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours.fields[key] == (pytest.approx(value, rel=1e-7) if isinstance(value, float) else value), key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.dims, mine.tensor_type, mine.offset, mine.n_bytes) == (tuple(t.shape.tolist()), t.tensor_type, t.data_offset, t.n_bytes)
+        if Q(t.tensor_type) in MATRIX_TYPES:
+            want = gguf.quants.dequantize(np.asarray(t.data), Q(t.tensor_type)).reshape(tuple(reversed(mine.dims)))
+            np.testing.assert_array_equal(ours.dequantized(t.name), want, err_msg=t.name)
+
+
+def test_the_reader_agrees_with_gguf_s_reader(family_files):
+    assert_reader_agrees_with_gguf_s(family_files[1] / "model.gguf")
+
+
+def test_the_reader_agrees_with_gguf_s_reader_on_smollm2():
+    """A real file: a 49k-token vocabulary and merge list, Q4_1 / Q8_0 / F32 tensors."""
+    from jspec.demo.smollm2 import gguf_path
+
+    assert_reader_agrees_with_gguf_s(gguf_path())
 
 
 def test_from_gguf_equals_from_hf_on_the_same_weights(family_files):

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format) -> a jspec `Transformer`, read with the `gguf` package.
+"""GGUF files (llama.cpp's format) -> a jspec `Transformer`, dequantized with the `gguf` package.
 
 `from_gguf(path)` reads the metadata and tensors of a GGUF file, dequantizes every tensor with
 gguf's (llama.cpp's reference) dequantizers, undoes the rotary permutation llama.cpp's converter
@@ -16,6 +16,7 @@ What llama.cpp's converter changed, undone here:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -63,32 +64,123 @@ _GLOBAL_TENSORS = {
 _IGNORED_TENSORS = ("rope_freqs.weight",)
 
 
+# GGUF metadata value types (the spec's gguf_metadata_value_type) -> little-endian numpy scalars.
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {
+    0: np.dtype("<u1"),
+    1: np.dtype("<i1"),
+    2: np.dtype("<u2"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<u4"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<f4"),
+    7: np.dtype("?"),
+    10: np.dtype("<u8"),
+    11: np.dtype("<i8"),
+    12: np.dtype("<f8"),
+}
+_GGUF_MAGIC, _GGUF_VERSIONS, _GGUF_DEFAULT_ALIGNMENT = b"GGUF", (2, 3), 32
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry: `dims` as GGUF lists them (innermost first), its ggml type and where its
+    bytes lie in the file."""
+
+    name: str
+    dims: tuple[int, ...]
+    tensor_type: int
+    offset: int
+    n_bytes: int
+
+
+class _Reader:
+    """Reads GGUF's little-endian fields in order from a buffer."""
+
+    def __init__(self, buffer):
+        self.buffer, self.offset = buffer, 0
+
+    def scalar(self, dtype: np.dtype):
+        value = np.frombuffer(self.buffer, dtype, 1, self.offset)[0]
+        self.offset += dtype.itemsize
+        return value.item()
+
+    def string(self) -> str:
+        n = int.from_bytes(self.buffer[self.offset : self.offset + 8], "little")
+        start, self.offset = self.offset + 8, self.offset + 8 + n
+        return bytes(self.buffer[start : self.offset]).decode("utf-8")
+
+    def value(self, value_type: int):
+        if value_type == _GGUF_STRING:
+            return self.string()
+        if value_type in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[value_type])
+        if value_type != _GGUF_ARRAY:
+            raise ValueError(f"unknown metadata value type {value_type}")
+        item_type, count = self.scalar(_GGUF_SCALARS[4]), self.scalar(_GGUF_SCALARS[10])
+        if item_type in _GGUF_SCALARS:  # one read for the whole array (a tokenizer's scores, token types)
+            dtype = _GGUF_SCALARS[item_type]
+            values = np.frombuffer(self.buffer, dtype, count, self.offset)
+            self.offset += dtype.itemsize * count
+            return values.tolist()
+        return [self.value(item_type) for _ in range(count)]
+
+
 class GGUFFile:
-    """A GGUF file's metadata (`fields`: key -> Python value) and tensors, read lazily."""
+    """A GGUF file's metadata (`fields`: key -> Python value) and tensors (`tensors`: name ->
+    `GGUFTensor`), the tensors read lazily from a memory map.
+
+    The reader is jspec's own (the format is a header, key/value pairs and tensor entries): gguf's
+    `GGUFReader` builds a numpy view per array item, which takes seconds for a tokenizer's 100k
+    strings. Dequantizing uses gguf's (llama.cpp's reference) dequantizers.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        try:
-            from gguf import GGUFReader, GGUFValueType
-        except ImportError as e:  # a dependency of jspec; this only fires in a broken environment
-            raise ImportError("reading GGUF files needs the `gguf` package (pip install gguf)") from e
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise ValueError(f"path {self.path!r} is not a file")
         try:
-            self.reader = GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError / struct errors on a file that is not GGUF
+            self._data = np.memmap(self.path, mode="r")
+            self._parse()
+        except Exception as e:  # a truncated or foreign file: struct, index or decoding errors
             raise ValueError(f"path {self.path!r} is not a readable GGUF file: {e}") from e
+
+    def _parse(self) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if bytes(self._data[:4]) != _GGUF_MAGIC:
+            raise ValueError(f"GGUF magic invalid: {bytes(self._data[:4])!r}")
+        reader = _Reader(memoryview(self._data))
+        reader.offset = 4
+        version = reader.scalar(_GGUF_SCALARS[4])
+        if version not in _GGUF_VERSIONS:
+            raise ValueError(f"GGUF version must be one of {_GGUF_VERSIONS} (little-endian), got {version}")
+        n_tensors, n_fields = reader.scalar(_GGUF_SCALARS[10]), reader.scalar(_GGUF_SCALARS[10])
         self.fields = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            value = field.contents()
-            if len(field.types) == 1 and field.types[0] == GGUFValueType.FLOAT32:
+        for _ in range(n_fields):
+            key = reader.string()
+            value_type = reader.scalar(_GGUF_SCALARS[4])
+            value = reader.value(value_type)
+            if value_type == 6:
                 # 1e-5 stored as float32 reads back as 9.99999974e-06: take the shortest decimal
                 # that rounds to the same float32, which is the value the converter was given.
                 value = float(str(np.float32(value)))
             self.fields[key] = value
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        entries = []
+        for _ in range(n_tensors):
+            name = reader.string()
+            n_dims = reader.scalar(_GGUF_SCALARS[4])
+            dims = tuple(reader.scalar(_GGUF_SCALARS[10]) for _ in range(n_dims))
+            entries.append((name, dims, reader.scalar(_GGUF_SCALARS[4]), reader.scalar(_GGUF_SCALARS[10])))
+        alignment = self.fields.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+        start = -(-reader.offset // alignment) * alignment
+        self.tensors = {}
+        for name, dims, tensor_type, offset in entries:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+            n_bytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
+            if start + offset + n_bytes > len(self._data):
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            self.tensors[name] = GGUFTensor(name, dims, tensor_type, start + offset, n_bytes)
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
@@ -105,11 +197,12 @@ class GGUFFile:
 
         tensor = self.tensors[name]
         qtype = GGMLQuantizationType(tensor.tensor_type)
-        try:
-            values = dequantize(np.asarray(tensor.data), qtype)
+        shape = tuple(reversed(tensor.dims))  # GGUF lists the innermost dimension first
+        raw = np.asarray(self._data[tensor.offset : tensor.offset + tensor.n_bytes])
+        try:  # gguf's dequantizers take rows of bytes: [..., bytes per row]
+            values = dequantize(raw.reshape(*shape[:-1], -1), qtype)
         except (NotImplementedError, KeyError) as e:
             raise ValueError(f"GGUF tensor {name!r} has type {qtype.name}, which the gguf package cannot dequantize") from e
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the innermost dimension first
         return np.asarray(values, np.float32).reshape(shape)
 
 
@@ -250,6 +343,7 @@ def from_gguf(
 
 __all__ = [
     "GGUFFile",
+    "GGUFTensor",
     "GGUF_FAMILIES",
     "config_from_gguf",
     "from_gguf",
