@@ -5,7 +5,7 @@ JAX fixes its device count when the backend starts, so this script runs in its o
 `jspec.parallel.place` puts each model's weights on its own device, that inside the program each
 device's copy of the other model's cache is zeros (the real one lives on the other device), that
 `parallel_generate` with `SSD` equals greedy `jspec.generate` token for token and equals
-`speculative_generate` with the same strategy and key (T=0 and T=1), and that the first 3 tokens
+`speculative_generate` with the same strategy and key at T=1, and that the first 3 tokens
 follow the target's law at T=1 (chi-square, with the negative control of test_ssd). Each failure
 raises an AssertionError saying what differed; success prints `PARALLEL DECODE OK`.
 """
@@ -86,14 +86,15 @@ def main() -> None:
         message = f"{strategy} on 2 devices != greedy"
         np.testing.assert_array_equal(np.asarray(parallel.tokens), np.asarray(greedy.tokens), err_msg=message)
         np.testing.assert_array_equal(np.asarray(parallel.lengths), np.asarray(greedy.lengths))
-        for sampling, key in ((jspec.Sampling(), None), (jspec.Sampling(temperature=1.0), jax.random.key(5))):
-            common = dict(prompt_lengths=lengths, max_new_tokens=20, strategy=strategy, sampling=sampling, rng=key)
-            one = jspec.speculative_generate(target, drafter, prompts, **common)
-            two = parallel_generate(placed, prompts, **common)
-            message = f"{strategy} on 2 devices != on 1 device, {sampling}"
-            np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens), err_msg=message)
-            for name, counts in one.stats.strategy.items():
-                np.testing.assert_array_equal(np.asarray(two.stats.strategy[name]), np.asarray(counts), err_msg=message)
+        # At T=1 (T=0 is the greedy check above): the same key draws the same tokens and counts.
+        sampling = jspec.Sampling(temperature=1.0)
+        common = dict(prompt_lengths=lengths, max_new_tokens=20, strategy=strategy, sampling=sampling, rng=jax.random.key(5))
+        one = jspec.speculative_generate(target, drafter, prompts, **common)
+        two = parallel_generate(placed, prompts, **common)
+        message = f"{strategy} on 2 devices != on 1 device, {sampling}"
+        np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens), err_msg=message)
+        for name, counts in one.stats.strategy.items():
+            np.testing.assert_array_equal(np.asarray(two.stats.strategy[name]), np.asarray(counts), err_msg=message)
         print(f"greedy {strategy} on 2 devices: {jax.tree.map(lambda x: np.asarray(x).tolist(), parallel.stats.strategy)}")
 
     small_target, small_drafter = law_pair()

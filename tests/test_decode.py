@@ -36,9 +36,9 @@ def _assert_same_output(spec, ar):
 
 
 @pytest.mark.parametrize(
-    # k up to 8, each chain verifier, and batch sizes 1, 2, 4..8 across the cases (batch below)
+    # k up to 8, each chain verifier, and batch sizes 1, 4, 5, 7 and 8 across the cases (batch below)
     "k, verifier",
-    [(1, "sampling"), (2, "block"), (3, "sampling"), (4, "block"), (4, "sampling"), (6, "block"), (8, "sampling"), (2, "greedy")],
+    [(1, "sampling"), (2, "block"), (4, "sampling"), (6, "block"), (8, "sampling"), (2, "greedy")],
 )
 def test_greedy_speculative_equals_greedy_autoregressive(k, verifier):
     """Many seeds per compiled program: new random models and ragged prompts, same shapes."""

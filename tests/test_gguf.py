@@ -216,7 +216,8 @@ def assert_reader_agrees_with_gguf_s(path) -> None:
     assert list(ours.tensors) == [t.name for t in theirs.tensors]
     for t in theirs.tensors:
         mine = ours.tensors[t.name]
-        assert (mine.dims, mine.tensor_type, mine.offset, mine.n_bytes) == (tuple(t.shape.tolist()), t.tensor_type, t.data_offset, t.n_bytes)
+        expected_entry = (tuple(t.shape.tolist()), t.tensor_type, t.data_offset, t.n_bytes)
+        assert (mine.dims, mine.tensor_type, mine.offset, mine.n_bytes) == expected_entry, t.name
         if Q(t.tensor_type) in MATRIX_TYPES:
             want = gguf.quants.dequantize(np.asarray(t.data), Q(t.tensor_type)).reshape(tuple(reversed(mine.dims)))
             np.testing.assert_array_equal(ours.dequantized(t.name), want, err_msg=t.name)

@@ -17,7 +17,7 @@ from conftest import run_on_simulated_devices
 @pytest.mark.slow
 def test_parallel_decoding_on_2_devices():
     """Weights and caches on their own devices; SSD's output equals greedy decoding and the
-    one-device run token for token (T=0 and T=1); the T=1 law of the first 3 tokens holds."""
+    one-device run token for token at T=1; the T=1 law of the first 3 tokens holds."""
     run_on_simulated_devices("parallel_decode_check.py", 2, "PARALLEL DECODE OK")
 
 

@@ -18,6 +18,7 @@ machine with the same Python version. Each item is `{"category": ..., "text": ..
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import random
 import re
@@ -140,6 +141,26 @@ SENTENCES = (
 )  # fmt: skip
 
 
+_DEFINITIONS = (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)
+_BLOCKS = frozenset(("body", "handlers", "orelse", "finalbody", "cases"))  # the fields that hold statements
+
+
+def _definitions(tree: ast.AST) -> list[ast.AST]:
+    """The function and class definitions under `tree`, in `ast.walk`'s breadth-first order. Only
+    statement blocks are searched: expressions hold no definitions, and they are most of the nodes
+    (walking them all took about 20 s over the standard library)."""
+    found, queue = [], collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        if isinstance(node, _DEFINITIONS):
+            found.append(node)
+        for field in node._fields:
+            children = getattr(node, field) if field in _BLOCKS else None
+            if isinstance(children, list):
+                queue.extend(children)
+    return found
+
+
 def _python_passages(docs: list[Document]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(docstrings, function sources) of the documents, each as (qualified name, text): module,
     class and function docstrings of 120..1500 characters with at least two sentences, and public
@@ -153,8 +174,7 @@ def _python_passages(docs: list[Document]) -> tuple[list[tuple[str, str]], list[
         module = doc.name.removesuffix(".py").replace("/", ".")
         is_test = "test" in doc.name
         lines = doc.text.splitlines(keepends=True)
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
-        for node in nodes:
+        for node in [tree] + _definitions(tree):
             doc_text = ast.get_docstring(node)
             name = module if node is tree else f"{module}.{node.name}"
             if doc_text and 120 <= len(doc_text) <= 1500 and doc_text.count(". ") >= 1:
