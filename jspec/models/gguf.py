@@ -64,8 +64,9 @@ _GLOBAL_TENSORS = {
 _IGNORED_TENSORS = ("rope_freqs.weight",)
 
 
-# GGUF metadata value types (the spec's gguf_metadata_value_type) -> little-endian numpy scalars.
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# GGUF metadata value types (the numbers of `gguf.GGUFValueType`, written out so that `import jspec`
+# does not import gguf) -> little-endian numpy scalars.
+_GGUF_UINT32, _GGUF_FLOAT32, _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT64 = 4, 6, 8, 9, 10
 _GGUF_SCALARS = {
     0: np.dtype("<u1"),
     1: np.dtype("<i1"),
@@ -117,7 +118,7 @@ class _Reader:
             return self.scalar(_GGUF_SCALARS[value_type])
         if value_type != _GGUF_ARRAY:
             raise ValueError(f"unknown metadata value type {value_type}")
-        item_type, count = self.scalar(_GGUF_SCALARS[4]), self.scalar(_GGUF_SCALARS[10])
+        item_type, count = self.scalar(_GGUF_SCALARS[_GGUF_UINT32]), self.scalar(_GGUF_SCALARS[_GGUF_UINT64])
         if item_type in _GGUF_SCALARS:  # one read for the whole array (a tokenizer's scores, token types)
             dtype = _GGUF_SCALARS[item_type]
             values = np.frombuffer(self.buffer, dtype, count, self.offset)
@@ -152,16 +153,16 @@ class GGUFFile:
             raise ValueError(f"GGUF magic invalid: {bytes(self._data[:4])!r}")
         reader = _Reader(memoryview(self._data))
         reader.offset = 4
-        version = reader.scalar(_GGUF_SCALARS[4])
+        version = reader.scalar(_GGUF_SCALARS[_GGUF_UINT32])
         if version not in _GGUF_VERSIONS:
             raise ValueError(f"GGUF version must be one of {_GGUF_VERSIONS} (little-endian), got {version}")
-        n_tensors, n_fields = reader.scalar(_GGUF_SCALARS[10]), reader.scalar(_GGUF_SCALARS[10])
+        n_tensors, n_fields = reader.scalar(_GGUF_SCALARS[_GGUF_UINT64]), reader.scalar(_GGUF_SCALARS[_GGUF_UINT64])
         self.fields = {}
         for _ in range(n_fields):
             key = reader.string()
-            value_type = reader.scalar(_GGUF_SCALARS[4])
+            value_type = reader.scalar(_GGUF_SCALARS[_GGUF_UINT32])
             value = reader.value(value_type)
-            if value_type == 6:
+            if value_type == _GGUF_FLOAT32:
                 # 1e-5 stored as float32 reads back as 9.99999974e-06: take the shortest decimal
                 # that rounds to the same float32, which is the value the converter was given.
                 value = float(str(np.float32(value)))
@@ -169,9 +170,9 @@ class GGUFFile:
         entries = []
         for _ in range(n_tensors):
             name = reader.string()
-            n_dims = reader.scalar(_GGUF_SCALARS[4])
-            dims = tuple(reader.scalar(_GGUF_SCALARS[10]) for _ in range(n_dims))
-            entries.append((name, dims, reader.scalar(_GGUF_SCALARS[4]), reader.scalar(_GGUF_SCALARS[10])))
+            n_dims = reader.scalar(_GGUF_SCALARS[_GGUF_UINT32])
+            dims = tuple(reader.scalar(_GGUF_SCALARS[_GGUF_UINT64]) for _ in range(n_dims))
+            entries.append((name, dims, reader.scalar(_GGUF_SCALARS[_GGUF_UINT32]), reader.scalar(_GGUF_SCALARS[_GGUF_UINT64])))
         alignment = self.fields.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
         start = -(-reader.offset // alignment) * alignment
         self.tensors = {}
