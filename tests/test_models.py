@@ -185,9 +185,11 @@ def test_cache_writes_and_path_commits_are_exact_in_every_dtype(dtype):
     assert list(np.asarray(moved.lengths)) == [3, 6, 7]
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_one_row_bfloat16_products_equal_the_unpadded_product(rows):
-    """A one-row bf16 product is computed as two rows on CPU (a faster kernel); same result."""
+@pytest.mark.parametrize("rows", [1, 2, 127, 128, 300])
+def test_bfloat16_products_equal_the_float32_product_at_every_row_count(rows):
+    """On CPU a one-row bf16 product is computed as two rows and one of 128 rows or more in
+    float32 (faster kernels); either way the result is the float32-accumulated product, in the
+    requested dtype."""
     rng = np.random.RandomState(4)
     x = jnp.asarray(rng.randn(rows, 1, 16), jnp.bfloat16)
     w = jnp.asarray(rng.randn(16, 8), jnp.bfloat16)
@@ -196,6 +198,9 @@ def test_one_row_bfloat16_products_equal_the_unpadded_product(rows):
     want = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), numbers)
     assert got.shape == (rows, 1, 8) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    rounded = jax.jit(lambda x, w: matmul_dot_general(x, w, numbers))(x, w)
+    assert rounded.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(rounded, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
 
 
 def test_truncate_rewinds_lengths():
