@@ -417,11 +417,15 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
     return paths
 
 
-def read_jsonl_prompts(parser: argparse.ArgumentParser, path: str, per_category: int) -> dict[str, list[str]]:
-    """The first turn of the first `per_category` questions of each category of a Spec-Bench JSONL."""
+def read_jsonl_prompts(
+    parser: argparse.ArgumentParser, path: str, per_category: int, categories: list[str] | None = None
+) -> dict[str, list[str]]:
+    """The first turn of the first `per_category` questions of each category of a Spec-Bench JSONL
+    (of `categories` only, if given: each must occur in the file)."""
     if per_category < 1:
         parser.error(f"--per-category must be >= 1, got {per_category}")
     by_category: dict[str, list[str]] = {}
+    seen: set[str] = set()
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -431,9 +435,15 @@ def read_jsonl_prompts(parser: argparse.ArgumentParser, path: str, per_category:
                 category, text = str(item["category"]), item["turns"][0]
             except (ValueError, KeyError, IndexError, TypeError) as error:
                 parser.error(f"--prompts-jsonl line {number}: needs 'category' and a non-empty 'turns' list ({error})")
+            seen.add(category)
+            if categories is not None and category not in categories:
+                continue
             by_category.setdefault(category, [])
             if len(by_category[category]) < per_category:
                 by_category[category].append(text)
+    missing = sorted(set(categories or ()) - seen)
+    if missing:
+        parser.error(f"--categories {missing} not in {path} (it has: {', '.join(sorted(seen))})")
     return by_category
 
 
@@ -471,7 +481,7 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
     chat-templated at their own lengths for a chat target, else the last --prompt-len tokens."""
     chat = chat_tokenizer(args)
     if chat is not None:
-        by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
+        by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category, getattr(args, "categories", None))
         batches = chat_batches(chat, by_category, args.batch_size, vocab_size, parser)
         n = sum(len(t) for t in by_category.values())
         widths = [int(w) for b in batches for w in np.asarray(b.lengths)]
@@ -485,7 +495,7 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
         parser.error(
             "--prompts-jsonl needs a tokenizer: a chat target, the code models, or a Hugging Face --target with tokenizer.json"
         )
-    by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category)
+    by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category, getattr(args, "categories", None))
     batches = []
     for category, texts in by_category.items():
         for start in range(0, len(texts), args.batch_size):

@@ -2,6 +2,7 @@
 tree, in one process, on Spec-Bench's prompts by category.
 
     python -m infer.retrieval_bench --json FILE [--datastore DIR] [--temperatures 0 1] [--per-category 1]
+        [--categories summarization rag] [--methods pld-k4 ...]
 
 Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/methods.py`'s naming):
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--per-category", type=int, default=1, help="Spec-Bench prompts per category (default: 1)")
+    parser.add_argument("--categories", nargs="+", default=None, help="only these Spec-Bench categories (default: all)")
     parser.add_argument("--prompts-jsonl", metavar="FILE", default=None)
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per prompt (default: 1)")
     parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method names (default: all)")

@@ -1,6 +1,7 @@
 """The demo scripts run end to end (on the tiny random preset, and on the bundled demo models) and
 report what they promise."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -320,6 +321,18 @@ def test_bench_on_smollm2_renders_chat_prompts_in_bfloat16(tmp_path):
     assert records[0]["models"].startswith(CHAT_MODELS_NOTE) and "chat template" in records[0]["prompts"]
     assert set(records[1]["by_category"]) == {"writing", "qa"} and records[1]["rows"] == 2
     assert all(1 <= r["tau"] <= 3 and r["tokens_per_s"] > 0 for r in records)
+
+
+def test_jsonl_prompts_of_chosen_categories_and_an_unknown_category_is_an_error(tmp_path):
+    lines = [("rag", "r1"), ("qa", "q1"), ("rag", "r2"), ("summarization", "s1"), ("rag", "r3")]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"category": c, "turns": [t]}) for c, t in lines) + "\n")
+    parser = argparse.ArgumentParser()
+    path = str(tmp_path / "q.jsonl")
+    assert bench.read_jsonl_prompts(parser, path, 2) == {"rag": ["r1", "r2"], "qa": ["q1"], "summarization": ["s1"]}
+    chosen = bench.read_jsonl_prompts(parser, path, 5, ["summarization", "rag"])
+    assert chosen == {"rag": ["r1", "r2", "r3"], "summarization": ["s1"]}
+    with pytest.raises(SystemExit):
+        bench.read_jsonl_prompts(parser, path, 1, ["rag", "math"])
 
 
 def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
