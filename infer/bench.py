@@ -251,6 +251,18 @@ def rounds_at_least(emitted_per_round: np.ndarray) -> tuple[int, ...]:
     return tuple(int(np.sum(emitted >= i)) for i in range(1, top + 1))
 
 
+def measured_call(seconds: float, output: jspec.Output) -> Measured:
+    """One timed call's `Measured`: its seconds and the counts of its output."""
+    return Measured(
+        seconds,
+        int(np.sum(output.lengths)),
+        int(np.sum(output.stats.emitted_per_round)),
+        int(np.sum(output.stats.target_passes)),
+        output.lengths.shape[0],
+        rounds_at_least(output.stats.emitted_per_round),
+    )
+
+
 def measure(fn: Callable, batches: list, repeats: int, compiled: set | None = None) -> Measured:
     """fn(batch) on every batch (a prompts array or a `Batch`): the median of `repeats` timed calls
     each, after an untimed call that compiles the batch's shape (once per shape in `compiled`, a set
@@ -266,14 +278,7 @@ def measure(fn: Callable, batches: list, repeats: int, compiled: set | None = No
             start = time.perf_counter()
             output = jax.block_until_ready(fn(batch))
             times.append(time.perf_counter() - start)
-        total = total + Measured(
-            statistics.median(times),
-            int(np.sum(output.lengths)),
-            int(np.sum(output.stats.emitted_per_round)),
-            int(np.sum(output.stats.target_passes)),
-            batch.shape[0],
-            rounds_at_least(output.stats.emitted_per_round),
-        )
+        total = total + measured_call(statistics.median(times), output)
     return total
 
 
@@ -282,6 +287,41 @@ def measure_by_category(fn: Callable[[Batch], jspec.Output], batches: list[Batch
     categories = list(dict.fromkeys(b.category for b in batches))
     compiled: set = set()
     return {c: measure(fn, [b for b in batches if b.category == c], repeats, compiled) for c in categories}
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[Batch], jspec.Output]],
+    batches: list[Batch],
+    repeats: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Measured]]:
+    """`measure_by_category` of several methods at once, interleaved: on each batch, an untimed
+    compiling call of every method (once per shape), then `repeats` rounds that time every method in
+    turn. A machine whose speed drifts during a long run (this project's shared CPUs drift by up to
+    2x within an hour) then slows every method alike, instead of whichever ran in the slow stretch.
+    Returns {method: {category: Measured}}, categories in the batches' order; `progress` gets a
+    line per batch."""
+    compiled: dict[str, set] = {name: set() for name in fns}
+    out: dict[str, dict[str, Measured]] = {name: {} for name in fns}
+    for index, batch in enumerate(batches):
+        for name, fn in fns.items():
+            if batch.shape not in compiled[name]:
+                jax.block_until_ready(fn(batch))
+                compiled[name].add(batch.shape)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        outputs = {}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                outputs[name] = jax.block_until_ready(fn(batch))
+                times[name].append(time.perf_counter() - start)
+        for name, output in outputs.items():
+            so_far = out[name].get(batch.category, Measured(0.0, 0, 0, 0, 0))
+            out[name][batch.category] = so_far + measured_call(statistics.median(times[name]), output)
+        if progress is not None:
+            line = ", ".join(f"{name} {statistics.median(t):.2f} s" for name, t in times.items())
+            progress(f"batch {index + 1}/{len(batches)} ({batch.category}, {batch.shape[1]} wide): {line}")
+    return out
 
 
 def total(by_category: dict[str, Measured]) -> Measured:

@@ -6,7 +6,7 @@ tree, in one process, on Spec-Bench's prompts by category.
 
 Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/methods.py`'s naming):
 
-    chain-k2        Chain(k=2): the best fixed chain of docs/benchmarks.md on this CPU
+    chain-k1..k4    Chain(k=1) .. Chain(k=4): fixed lengths (k=2 was the best of docs/benchmarks.md on this CPU)
     eagle-n5        EagleTree(top_k=2, depth=2, size=5): the best fixed tree there
     pld-k4, pld-k8  PromptLookup(k=4), PromptLookup(k=8), no model
     rest-n8         Rest(size=8, depth=4) on the --datastore (python -m train.datastore --stdlib)
@@ -15,10 +15,12 @@ Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/method
     stop-k4         Chain(k=4, stop=ConfidenceStop(0.3)): SpecDec++-style confidence stop
     adaptive-k4     AdaptiveK from the measured costs (t_draft, t_target(1..5)), k in 1..4
 
-Each prompt is decoded once untimed (compiling its shape) and timed --repeats times (median);
-a method's tokens/s is all its tokens over the sum of those medians. tau: emitted tokens per target
-pass; target passes per prompt (rounds) show the rounds an adaptive method saves or spends. Speedup
-is against AR at the same temperature, in the same run.
+Each prompt is decoded once untimed by every method (compiling its shape), then timed --repeats
+times (median), the methods in turn on each prompt (`infer.bench.measure_interleaved`: a machine
+whose speed drifts slows every method alike); a method's tokens/s is all its tokens over the sum of
+those medians. tau: emitted tokens per target pass; target passes per prompt (rounds) show the
+rounds an adaptive method saves or spends. Speedup is against AR at the same temperature, in the
+same run.
 
 Both are reported end to end (the prompt's prefill included, as a user waits for it) and for the
 decoding alone: the target's prefill of each prompt, timed on its own (median of --repeats after a
@@ -40,10 +42,11 @@ from flax import nnx
 
 import jspec
 from infer.bench import (
+    Batch,
     category_records,
     jsonl_batches,
     machine,
-    measure_by_category,
+    measure_interleaved,
     total,
 )
 from infer.models import add_model_arguments, models_from_args
@@ -72,7 +75,7 @@ def methods(drafter, retrieval, costs: dict[str, float]) -> list[tuple[str, obje
     """(name, strategy, drafter argument) of every method; rest and rasd+ds only with a datastore."""
     t_target = [costs[f"t_target_{n}"] for n in range(1, 6)]
     out = [
-        ("chain-k2", jspec.Chain(k=2), drafter),
+        *((f"chain-k{k}", jspec.Chain(k=k), drafter) for k in (1, 2, 3, 4)),
         ("eagle-n5", jspec.EagleTree(top_k=2, depth=2, size=5), drafter),
         ("pld-k4", jspec.PromptLookup(k=4), None),
         ("pld-k8", jspec.PromptLookup(k=8), None),
@@ -116,32 +119,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for temperature in args.temperatures:
         sampling = jspec.Sampling(temperature=temperature)
         common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, rng=jax.random.key(args.seed), eos_id=eos_id)
-        ar = measure_by_category(
-            lambda b: jspec.generate(target, b.prompts, prompt_lengths=b.lengths, **common), batches, args.repeats
-        )
-        ar_total = total(ar)
-        ar_rate = ar_total.tokens / ar_total.seconds
+        chosen = [m for m in methods(drafter, retrieval, costs) if not args.methods or m[0] in args.methods]
+        fns = {"ar": functools.partial(_autoregressive, target, common)}
+        for name, strategy, drafter_arg in chosen:
+            fns[name] = functools.partial(_speculative, target, drafter_arg, strategy, common)
         if prefills is None:
             prefills = prefill_seconds(target, batches, args.max_new_tokens, args.repeats)
-            print("prefill (s, by category): " + ", ".join(f"{c} {t:.2f}" for c, t in prefills.items()))
+            print("prefill (s, by category): " + ", ".join(f"{c} {t:.2f}" for c, t in prefills.items()), flush=True)
+        measured = measure_interleaved(fns, batches, args.repeats, progress=lambda m: print(m, flush=True))
+        ar = measured["ar"]
+        ar_total = total(ar)
+        ar_rate = ar_total.tokens / ar_total.seconds
         records.append(record("ar", temperature, ar, None, ar_rate, costs, context, prefills))
         save(args.json, records)
-        for name, strategy, drafter_arg in methods(drafter, retrieval, costs):
-            if args.methods and name not in args.methods:
-                continue
-            by_category = measure_by_category(
-                lambda b: jspec.speculative_generate(
-                    target, drafter_arg, b.prompts, prompt_lengths=b.lengths, strategy=strategy, **common
-                ),
-                batches,
-                args.repeats,
-            )
+        for name, strategy, _ in chosen:
             context_ = {**context, "strategy": repr(strategy)}
-            records.append(record(name, temperature, by_category, ar, ar_rate, costs, context_, prefills))
+            records.append(record(name, temperature, measured[name], ar, ar_rate, costs, context_, prefills))
             save(args.json, records)
-            jax.clear_caches()
+        jax.clear_caches()
     print_summary(records, started)
     return records
+
+
+def _autoregressive(target, common: dict, batch: Batch) -> jspec.Output:
+    return jspec.generate(target, batch.prompts, prompt_lengths=batch.lengths, **common)
+
+
+def _speculative(target, drafter, strategy, common: dict, batch: Batch) -> jspec.Output:
+    return jspec.speculative_generate(target, drafter, batch.prompts, prompt_lengths=batch.lengths, strategy=strategy, **common)
 
 
 def print_summary(records: list[dict], started: float) -> None:

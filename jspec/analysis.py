@@ -180,22 +180,28 @@ def best_k(alpha: float, cost_ratio: float, k_max: int = 64) -> int:
     return int(np.argmax(values)) + 1  # argmax returns the first maximum
 
 
-def best_k_from_costs(alpha: float, t_draft: float, t_target) -> int:
+def best_k_from_costs(alpha: float, t_draft: float, t_target, alpha_next: float | None = None) -> int:
     """The draft length k in 1..len(t_target) - 1 maximising the chain's speedup from measured costs,
 
-        expected_tau(alpha, k) * t_target[0] / (k * t_draft + t_target[k]),
+        tau(k) * t_target[0] / (k * t_draft + t_target[k]),   tau(k) = 1 + alpha * sum_{i<k} alpha_next^i,
 
     `speedup_from_costs` with a round of k drafter steps and one target pass over k + 1 tokens.
+    alpha: P(the first draft is accepted); alpha_next: P(a later draft is accepted | the one before
+    it was), `expected_tau_from_acceptance([alpha, alpha_next, ...])`; None: alpha, the i.i.d. case
+    `expected_tau(alpha, k)`. Acceptance is bursty in practice (a draft after an accepted one is
+    accepted more often), which makes longer chains pay where the i.i.d. model says they do not.
     t_draft >= 0: seconds per drafter step; t_target: `[n]`, n >= 2, seconds of one target pass
-    over 1, 2, ..., n tokens (each > 0). Ties go to the smaller k. With t_target constant this is
-    `best_k(alpha, t_draft / t_target[0], n - 1)`.
+    over 1, 2, ..., n tokens (each > 0). Ties go to the smaller k. With t_target constant and
+    alpha_next None this is `best_k(alpha, t_draft / t_target[0], n - 1)`.
     """
     alpha = _real("alpha", alpha, low=0.0, high=1.0)
+    alpha_next = alpha if alpha_next is None else _real("alpha_next", alpha_next, low=0.0, high=1.0)
     t_draft = _real("t_draft", t_draft, low=0.0)
     if isinstance(t_target, (str, bytes)) or np.ndim(t_target) != 1 or len(t_target) < 2:
         raise ValueError(f"t_target must be a 1-D sequence of >= 2 costs (1, 2, ... tokens scored), got {t_target!r}")
     costs = [_real(f"t_target[{i}]", t, low=0.0, low_open=True) for i, t in enumerate(t_target)]
-    values = [expected_tau(alpha, k) * costs[0] / (k * t_draft + costs[k]) for k in range(1, len(costs))]
+    taus = 1.0 + alpha * np.cumsum(alpha_next ** np.arange(len(costs) - 1))  # tau(k) for k = 1 .. n - 1
+    values = [taus[k - 1] * costs[0] / (k * t_draft + costs[k]) for k in range(1, len(costs))]
     return int(np.argmax(values)) + 1
 
 

@@ -11,7 +11,7 @@ from test_decode import first3_pvalue
 
 import jspec
 from jspec.analysis import best_k_from_costs
-from jspec.methods.adaptive import GRID, AdaptiveCarry
+from jspec.methods.adaptive import AdaptiveCarry, round_counts
 
 from conftest import TINY, assert_greedy_matches_target, random_model
 
@@ -24,16 +24,25 @@ def test_greedy_output_equals_the_target_s():
     assert_greedy_matches_target(random_model(TINY, seed=0), jspec.AdaptiveK.from_costs(**COSTS), PROMPTS, LENGTHS)
 
 
-def test_the_choice_table_is_the_cost_model_s_best_k_and_grows_with_acceptance():
+def test_row_k_is_the_cost_model_s_best_k_at_each_row_s_two_rates():
     strategy = jspec.AdaptiveK.from_costs(**COSTS)
-    assert strategy.k_max == 4
-    assert strategy.choice == tuple(best_k_from_costs(i / GRID, 0.1, COSTS["t_target"]) for i in range(GRID + 1))
-    assert list(strategy.choice) == sorted(strategy.choice) and strategy.choice[0] == 1 and strategy.choice[-1] == 4
-    # row_k reads the table at the running estimate accepted / tried.
-    carry = AdaptiveCarry(None, jnp.asarray([0.0, 9.0, 10.0]), jnp.asarray([10.0, 10.0, 10.0]))
-    np.testing.assert_array_equal(
-        np.asarray(strategy.row_k(carry)), [strategy.choice[0], strategy.choice[90], strategy.choice[100]]
-    )
+    assert strategy.k_max == 4 and strategy.t_target == tuple(COSTS["t_target"])
+    rates = np.random.default_rng(0).uniform(0, 1, (200, 2)).astype(np.float32)
+    ones = jnp.ones((200,), jnp.float32)
+    carry = AdaptiveCarry(None, jnp.asarray(rates[:, 0]), ones, jnp.asarray(rates[:, 1]), ones)
+    expected = [best_k_from_costs(float(a), 0.1, COSTS["t_target"], alpha_next=float(b)) for a, b in rates]
+    np.testing.assert_array_equal(np.asarray(strategy.row_k(carry)), expected)
+    assert len(set(expected)) == 4  # the grid reaches every k
+    # Bursty acceptance drafts longer than i.i.d. at the same first-draft rate.
+    assert best_k_from_costs(0.3, 0.1, COSTS["t_target"], alpha_next=0.9) > best_k_from_costs(0.3, 0.1, COSTS["t_target"])
+
+
+def test_a_round_counts_its_first_draft_and_the_later_drafts_it_reached():
+    # Rows: 4 drafts, 0 accepted | 4 drafts, 2 accepted (the third was tried and rejected) | 4 of 4 | 1 of 1.
+    counts = round_counts(jnp.asarray([0, 2, 4, 1]), jnp.asarray([4, 4, 4, 1]))
+    expected = ([0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 3, 0], [0, 2, 3, 0])
+    for got, want in zip(counts, expected):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_rows_that_accept_more_draft_longer():
@@ -53,8 +62,12 @@ def test_rows_that_accept_more_draft_longer():
 
 
 def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="choice must hold"):
-        jspec.AdaptiveK(k_max=4, choice=(1, 2))
+    with pytest.raises(ValueError, match="t_target must be a tuple of >= 2"):
+        jspec.AdaptiveK(t_draft=0.1, t_target=(1.0,))
+    with pytest.raises(ValueError, match="t_draft"):
+        jspec.AdaptiveK.from_costs(-1.0, [1.0, 1.1])
+    with pytest.raises(ValueError, match=r"t_target\[1\]"):
+        jspec.AdaptiveK.from_costs(0.1, [1.0, 0.0])
     with pytest.raises(ValueError, match="k_max must be <="):
         jspec.AdaptiveK.from_costs(0.1, [1.0, 1.1], k_max=3)
     with pytest.raises(ValueError, match="decay"):

@@ -335,6 +335,35 @@ def test_jsonl_prompts_of_chosen_categories_and_an_unknown_category_is_an_error(
         bench.read_jsonl_prompts(parser, path, 1, ["rag", "math"])
 
 
+def test_measure_interleaved_times_every_method_on_each_batch_in_turn():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def method(name, emitted):
+        def fn(batch):
+            calls.append((name, batch.category, batch.shape))
+            stats = SimpleNamespace(emitted_per_round=np.array([[emitted, 1]]), target_passes=np.array([2]))
+            return SimpleNamespace(lengths=np.array([emitted + 1]), stats=stats)
+
+        return fn
+
+    prompts = lambda width: np.zeros((1, width), np.int32)  # noqa: E731
+    batches = [
+        bench.Batch(prompts(4), np.array([4]), "qa"),
+        bench.Batch(prompts(4), np.array([3]), "qa"),
+        bench.Batch(prompts(8), np.array([8]), "rag"),
+    ]
+    lines = []
+    out = bench.measure_interleaved({"ar": method("ar", 1), "x": method("x", 3)}, batches, repeats=2, progress=lines.append)
+    # Per batch: a compiling call of each method for a new shape, then the methods in turn, twice.
+    qa, rag = [("ar", "qa", (1, 4)), ("x", "qa", (1, 4))], [("ar", "rag", (1, 8)), ("x", "rag", (1, 8))]
+    assert calls == qa * 3 + qa * 2 + rag * 3
+    assert list(out) == ["ar", "x"] and list(out["x"]) == ["qa", "rag"] and len(lines) == 3
+    assert (out["x"]["qa"].tokens, out["x"]["qa"].emitted, out["x"]["qa"].passes, out["x"]["qa"].rows) == (8, 8, 4, 2)
+    assert out["x"]["qa"].tau == 2.0 and out["ar"]["rag"].tokens == 2 and out["x"]["rag"].seconds >= 0
+
+
 def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
     from infer import retrieval_bench
     from train import datastore as datastore_cli

@@ -1,14 +1,20 @@
 """The `AdaptiveK` strategy: a chain whose length is chosen per row and per round from the row's
-running acceptance estimate and a measured cost model (the "Decoding Speculative Decoding" analysis
+running acceptance estimates and a measured cost model (the "Decoding Speculative Decoding" analysis
 of choosing k, arXiv 2402.01528, and SmartSpec's online estimate, arXiv 2406.14066).
 
-Each row keeps exponentially decayed counts of accepted drafts and of drafts tried (a round that
-accepts a of k tries a + 1, or k when all are accepted); their ratio estimates the acceptance rate
-alpha. The round drafts `k_row = best_k_from_costs(alpha, t_draft, t_target)` tokens
-(`jspec.analysis`), looked up in a table computed once on the host over a grid of alpha, so the
-choice is an array index on device. The chain is drafted at the static length k_max and cut per row
-(`jspec.methods.chain.draft_chain(limit=...)`): drafter calls past every row's k are skipped and
-the target scores only the prefix the longest row needs, in one compiled program.
+Each row keeps exponentially decayed counts of two acceptance rates: of its first draft (alpha), and
+of a later draft given that the one before it was accepted (alpha_next). A round that drafts d and
+accepts a tries the first draft once (accepted if a >= 1) and min(a, d - 1) later ones (a - 1 of
+them accepted). Acceptance is bursty: where the drafter is right once it tends to stay right
+(SmolLM2 and its drafter on Spec-Bench: alpha 0.28, alpha_next about 0.4), so a single i.i.d. rate
+underrates longer chains. The round drafts the k in 1..k_max that maximises
+
+    (1 + alpha * sum_{i<k} alpha_next^i) * t_target[0] / (k * t_draft + t_target[k])
+
+(`jspec.analysis.best_k_from_costs` on the host; computed on device here). The chain is drafted at
+the static length k_max and cut per row (`jspec.methods.chain.draft_chain(limit=...)`): drafter calls
+past every row's k are skipped and the target scores only the prefix the longest row needs, in one
+compiled program.
 
 Lossless: k_row depends only on earlier rounds, never on this round's draws.
 """
@@ -16,53 +22,69 @@ Lossless: k_row depends only on earlier rounds, never on this round's draws.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jspec.analysis import best_k_from_costs
 from jspec.methods.chain import draft_chain, verify_cut_chain
 from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, score_tree
-from jspec.validation import check_int
-
-GRID = 100  # the alpha grid of the choice table: alpha = i / GRID
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AdaptiveCarry:
-    """The round carry plus, per row, decayed counts `[B]` of accepted drafts and drafts tried."""
+    """The round carry plus, per row, decayed counts `[B]`: first drafts accepted and tried, later
+    drafts accepted and tried (a later draft is tried once the one before it was accepted)."""
 
     round: RoundCarry
-    accepted: jax.Array
-    tried: jax.Array
+    first_accepted: jax.Array
+    first_tried: jax.Array
+    next_accepted: jax.Array
+    next_tried: jax.Array
+
+
+def round_counts(accepted: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """What a round adds to the counts, float32 `[B]` each: first drafts accepted and tried, later
+    drafts accepted and tried, for rows that drafted `drafts [B]` (>= 1) and accepted `accepted [B]`.
+    Drafts 2 .. a + 1 are tried when the first a are accepted (all d - 1 later ones when a = d)."""
+    accepted, drafts = accepted.astype(jnp.float32), drafts.astype(jnp.float32)
+    first_accepted = jnp.minimum(accepted, 1.0)
+    return first_accepted, jnp.ones_like(accepted), jnp.maximum(accepted - 1.0, 0.0), jnp.minimum(accepted, drafts - 1.0)
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveK(SpeculativeStrategy):
     """A chain of per-row length k in 1..k_max, chosen each round (see the module docstring).
 
-    choice: `[GRID + 1]` ints, the k for alpha = i / GRID (build it with `AdaptiveK.from_costs`);
-    decay: the weight of the past in the running counts (SmartSpec's 0.85); prior: the acceptance
-    assumed before any round (worth 2 drafts tried). Verified by the chain walk (speculative
-    sampling at T > 0, greedy at T = 0).
+    t_draft: seconds of one drafter step; t_target: seconds of a target pass over 1, 2, ..,
+    k_max + 1 tokens (build both with `AdaptiveK.from_costs`); decay: the weight of the past in the
+    running counts (SmartSpec's 0.85); prior: the acceptance assumed before any round (worth 2
+    drafts tried, for each rate). Verified by the chain walk (speculative sampling at T > 0, greedy
+    at T = 0).
     """
 
-    k_max: int = 8
-    choice: tuple[int, ...] = ()
+    t_draft: float = 0.0
+    t_target: tuple[float, ...] = ()
     decay: float = 0.85
     prior: float = 0.5
     stop: Any = None
 
     def __post_init__(self):
-        check_int("k_max", self.k_max, 1)
-        if len(self.choice) != GRID + 1 or any(
-            isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k_max for k in self.choice
-        ):
-            raise ValueError(
-                f"choice must hold {GRID + 1} ints in 1..k_max={self.k_max} (use AdaptiveK.from_costs), got {self.choice!r}"
-            )
+        _positive("t_draft", self.t_draft)
+        costs = self.t_target
+        if not isinstance(costs, tuple) or len(costs) < 2:
+            raise ValueError(f"t_target must be a tuple of >= 2 costs (passes over 1, 2, .. tokens), got {costs!r}")
+        for i, t in enumerate(costs):
+            if _positive(f"t_target[{i}]", t) == 0:
+                raise ValueError(f"t_target[{i}] must be > 0, got {t!r}")
         for name in ("decay", "prior"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -72,12 +94,17 @@ class AdaptiveK(SpeculativeStrategy):
     def from_costs(cls, t_draft: float, t_target, k_max: int | None = None, **kwargs) -> AdaptiveK:
         """From measured costs: t_draft, seconds per drafter step, and t_target `[n]`, seconds of a
         target pass over 1 .. n tokens; k_max defaults to n - 1."""
+        t_target = tuple(float(t) for t in t_target)
         k_max = len(t_target) - 1 if k_max is None else k_max
+        if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+            raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
         if k_max > len(t_target) - 1:
             raise ValueError(f"k_max must be <= len(t_target) - 1 = {len(t_target) - 1}, got {k_max}")
-        costs = tuple(t_target)[: k_max + 1]
-        choice = tuple(best_k_from_costs(i / GRID, t_draft, costs) for i in range(GRID + 1))
-        return cls(k_max=k_max, choice=choice, **kwargs)
+        return cls(t_draft=float(t_draft), t_target=t_target[: k_max + 1], **kwargs)
+
+    @property
+    def k_max(self) -> int:
+        return len(self.t_target) - 1
 
     @property
     def tokens_per_round(self) -> int:
@@ -92,14 +119,19 @@ class AdaptiveK(SpeculativeStrategy):
         return prefix_sizes(self.k_max + 1)
 
     def row_k(self, carry: AdaptiveCarry) -> jax.Array:
-        """int32 `[B]`: this round's k per row, from the running acceptance estimate."""
-        alpha = carry.accepted / jnp.maximum(carry.tried, 1e-6)
-        return jnp.asarray(self.choice, jnp.int32)[jnp.round(alpha * GRID).astype(jnp.int32)]
+        """int32 `[B]`: this round's k per row, the cost model's best at the running estimates."""
+        alpha = carry.first_accepted / jnp.maximum(carry.first_tried, 1e-6)  # [B]
+        alpha_next = carry.next_accepted / jnp.maximum(carry.next_tried, 1e-6)
+        ks = jnp.arange(1, self.k_max + 1)
+        taus = 1.0 + alpha[:, None] * jnp.cumsum(alpha_next[:, None] ** (ks - 1), axis=1)  # [B, K], tau(k)
+        costs = ks * self.t_draft + jnp.asarray(self.t_target[1:], jnp.float32)
+        return (jnp.argmax(taus / costs, axis=1) + 1).astype(jnp.int32)  # argmax: ties go to the smaller k
 
     def init(self, target, drafter, prefill, first_token, sampling) -> AdaptiveCarry:
         carry = super().init(target, drafter, prefill, first_token, sampling)
         b = first_token.shape[0]
-        return AdaptiveCarry(carry, jnp.full((b,), 2.0 * self.prior, jnp.float32), jnp.full((b,), 2.0, jnp.float32))
+        accepted, tried = jnp.full((b,), 2.0 * self.prior, jnp.float32), jnp.full((b,), 2.0, jnp.float32)
+        return AdaptiveCarry(carry, accepted, tried, accepted, tried)
 
     def round(self, target, drafter, carry: AdaptiveCarry, active, sampling, key):
         key_draft, key_verify = jax.random.split(key)
@@ -110,9 +142,8 @@ class AdaptiveK(SpeculativeStrategy):
         verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
         inner, tokens, n_new = commit_round(inner, drafter, drafted, cache, features, verdict, active, self.tokens_per_round)
         drafts = jnp.sum(drafted.tree.valid, axis=1) - 1  # a stop rule may cut below k
-        tried = jnp.where(verdict.accepted < drafts, verdict.accepted + 1, drafts)
-        update = lambda old, new: jnp.where(active & (drafts > 0), self.decay * old + new, old)  # noqa: E731
-        carry = AdaptiveCarry(
-            inner, update(carry.accepted, verdict.accepted.astype(jnp.float32)), update(carry.tried, tried.astype(jnp.float32))
-        )
-        return carry, tokens, n_new
+        observed = active & (drafts > 0)
+        update = lambda old, new: jnp.where(observed, self.decay * old + new, old)  # noqa: E731
+        counts = (carry.first_accepted, carry.first_tried, carry.next_accepted, carry.next_tried)
+        new = round_counts(verdict.accepted, drafts)
+        return AdaptiveCarry(inner, *(update(old, n) for old, n in zip(counts, new))), tokens, n_new
