@@ -497,20 +497,23 @@ def _padded(rows: list[list[int]], category: str, vocab_size: int, parser) -> Ba
     return Batch(jax.numpy.asarray(prompts), jax.numpy.asarray(lengths), category)
 
 
-def chat_batches(tokenizer, by_category: dict[str, list[str]], batch_size: int, vocab_size: int, parser) -> list[Batch]:
+def chat_batches(
+    tokenizer, by_category: dict[str, list[str]], batch_size: int, vocab_size: int, parser, min_width: int = 64
+) -> list[Batch]:
     """Each text as a user message in the chat template, at its own length, batched within categories.
 
     Widths are padded to `jspec.decode.bucket_size` (at least 64: four sizes per doubling, at most
     25% of padding; the padding is never attended to, each row decodes at its own length) so that a
     handful of compiled programs serve every prompt length. A power of two padded Spec-Bench's
     769-token summarization prompt to 1024 tokens: a third more prefill than its 896-token bucket.
+    A larger `min_width` puts more prompts in one shape: fewer programs to compile, more padding.
     """
     batches = []
     for category, texts in by_category.items():
         rows = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         for start in range(0, len(rows), batch_size):
             batch = _padded(rows[start : start + batch_size], category, vocab_size, parser)
-            width = bucket_size(max(64, batch.prompts.shape[1]))
+            width = bucket_size(max(min_width, batch.prompts.shape[1]))
             prompts = jax.numpy.pad(batch.prompts, ((0, 0), (0, width - batch.prompts.shape[1])))
             batches.append(dataclasses.replace(batch, prompts=prompts))
     return batches
@@ -522,7 +525,8 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
     chat = chat_tokenizer(args)
     if chat is not None:
         by_category = read_jsonl_prompts(parser, args.prompts_jsonl, args.per_category, getattr(args, "categories", None))
-        batches = chat_batches(chat, by_category, args.batch_size, vocab_size, parser)
+        min_width = getattr(args, "min_prompt_width", None) or 64
+        batches = chat_batches(chat, by_category, args.batch_size, vocab_size, parser, min_width)
         n = sum(len(t) for t in by_category.values())
         widths = [int(w) for b in batches for w in np.asarray(b.lengths)]
         return batches, (

@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-category", type=int, default=1, help="Spec-Bench prompts per category (default: 1)")
     parser.add_argument("--categories", nargs="+", default=None, help="only these Spec-Bench categories (default: all)")
     parser.add_argument("--prompts-jsonl", metavar="FILE", default=None)
+    parser.add_argument(
+        "--min-prompt-width",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pad chat prompts to at least N tokens (default 64): fewer prompt shapes, so fewer programs to compile, "
+        "at the price of padding in every prefill",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per prompt (default: 1)")
     parser.add_argument("--methods", nargs="*", default=None, help="a subset of the method names (default: all)")
     return parser
@@ -100,6 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.prompts_jsonl = args.prompts_jsonl or default_spec_bench()
     if args.prompts_jsonl is None:
         parser.error("needs --prompts-jsonl (Spec-Bench's question.jsonl; or set $JSPEC_SPEC_BENCH)")
+    if args.min_prompt_width is not None and args.min_prompt_width < 1:
+        parser.error(f"--min-prompt-width must be >= 1, got {args.min_prompt_width}")
     batches, prompts_description = jsonl_batches(parser, args, target.config.vocab_size)
     retrieval = None
     if args.datastore:

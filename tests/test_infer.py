@@ -335,6 +335,16 @@ def test_jsonl_prompts_of_chosen_categories_and_an_unknown_category_is_an_error(
         bench.read_jsonl_prompts(parser, path, 1, ["rag", "math"])
 
 
+def test_chat_batches_pad_to_a_bucket_of_at_least_min_width():
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(apply_chat_template=lambda messages: list(range(len(messages[0]["content"]))))
+    texts = {"qa": ["a" * 70, "b" * 10], "rag": ["c" * 300]}
+    widths = lambda **kw: [b.prompts.shape[1] for b in bench.chat_batches(tokenizer, texts, 1, 1000, None, **kw)]  # noqa: E731
+    assert widths() == [80, 64, 320]  # jspec.decode.bucket_size, at least 64
+    assert widths(min_width=256) == [256, 256, 320]
+
+
 def test_measure_interleaved_times_every_method_on_each_batch_in_turn():
     from types import SimpleNamespace
 
