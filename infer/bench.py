@@ -531,7 +531,8 @@ def jsonl_batches(parser: argparse.ArgumentParser, args: argparse.Namespace, voc
         widths = [int(w) for b in batches for w in np.asarray(b.lengths)]
         return batches, (
             f"prompts: {n} from {args.prompts_jsonl} ({len(by_category)} categories x up to {args.per_category}; "
-            f"first turn in the chat template, at their own lengths {min(widths)}..{max(widths)} tokens), "
+            f"first turn in the chat template, at their own lengths {min(widths)}..{max(widths)} tokens, "
+            f"padded to bucket_size(max({min_width}, length))), "
             f"batches of up to {args.batch_size}"
         )
     tokenizer = text_tokenizer(args)

@@ -6,9 +6,9 @@ tree, in one process, on Spec-Bench's prompts by category.
 
 Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/methods.py`'s naming):
 
-    chain-k1..k4    Chain(k=1) .. Chain(k=4): fixed lengths (k=2 was the best of docs/benchmarks.md on this CPU)
+    chain-k1..k4    Chain(k=1) .. Chain(k=4): fixed lengths (k=1 the best in docs/benchmarks.md's 2026-12-07 run)
     eagle-n5        EagleTree(top_k=2, depth=2, size=5): the best fixed tree there
-    pld-k4, pld-k8  PromptLookup(k=4), PromptLookup(k=8), no model
+    pld-k2..k8      PromptLookup(k=2), (k=3), (k=4), (k=8): no model
     rest-n8         Rest(size=8, depth=4) on the --datastore (python -m train.datastore --stdlib)
     rasd-n5+r6      RASD: the eagle-n5 tree fused with a prompt-lookup trie of 6 nodes
     rasd-n5+r6+ds   the same with a REST trie of 6 more nodes from the --datastore
@@ -85,8 +85,7 @@ def methods(drafter, retrieval, costs: dict[str, float]) -> list[tuple[str, obje
     out = [
         *((f"chain-k{k}", jspec.Chain(k=k), drafter) for k in (1, 2, 3, 4)),
         ("eagle-n5", jspec.EagleTree(top_k=2, depth=2, size=5), drafter),
-        ("pld-k4", jspec.PromptLookup(k=4), None),
-        ("pld-k8", jspec.PromptLookup(k=8), None),
+        *((f"pld-k{k}", jspec.PromptLookup(k=k), None) for k in (2, 3, 4, 8)),
     ]
     if retrieval is not None:
         out.append(("rest-n8", jspec.Rest(size=8, depth=4), retrieval))
