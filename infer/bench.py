@@ -284,9 +284,7 @@ def measure(fn: Callable, batches: list, repeats: int, compiled: set | None = No
 
 def measure_by_category(fn: Callable[[Batch], jspec.Output], batches: list[Batch], repeats: int) -> dict[str, Measured]:
     """`measure` per category, in the batches' order; each shape compiles once."""
-    categories = list(dict.fromkeys(b.category for b in batches))
-    compiled: set = set()
-    return {c: measure(fn, [b for b in batches if b.category == c], repeats, compiled) for c in categories}
+    return measure_interleaved({"method": fn}, batches, repeats)["method"]
 
 
 def measure_interleaved(
@@ -295,7 +293,7 @@ def measure_interleaved(
     repeats: int,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Measured]]:
-    """`measure_by_category` of several methods at once, interleaved: on each batch, an untimed
+    """Several methods measured by category at once, interleaved: on each batch, an untimed
     compiling call of every method (once per shape), then `repeats` rounds that time every method in
     turn. A machine whose speed drifts during a long run (this project's shared CPUs drift by up to
     2x within an hour) then slows every method alike, instead of whichever ran in the slow stretch.

@@ -28,6 +28,7 @@ import numbers
 import numpy as np
 
 from jspec.methods import sequoia as _sequoia
+from jspec.validation import check_real as _real
 
 __all__ = [
     "best_k",
@@ -45,22 +46,6 @@ __all__ = [
 
 
 # --- validation -------------------------------------------------------------------------------
-
-
-def _real(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
-    """`value` as a float if it is a finite real scalar (not a bool) in [low, high] ((low, high] with
-    low_open); else a ValueError naming `name`."""
-    ok = not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0
-    if ok:
-        try:
-            ok = np.isrealobj(value) and isinstance(np.asarray(value).item(), numbers.Real)
-            x = float(value) if ok else math.nan
-        except (TypeError, ValueError):
-            ok = False
-    if not ok or not math.isfinite(x) or x < low or x > high or (low_open and x == low):
-        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a finite real number in {bound}, got {value!r}")
-    return x
 
 
 def _int(name: str, value, low: int) -> int:

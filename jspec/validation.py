@@ -7,6 +7,7 @@ arrays; inside a user's `jax.jit` the shapes and dtypes are still checked.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -14,6 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jspec.models import ModelConfig
+
+
+def check_real(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
+    """`value` as a float if it is a finite real scalar (not a bool) in [low, high] ((low, high] with
+    low_open); else a ValueError naming `name`."""
+    ok = not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0
+    if ok:
+        try:
+            ok = np.isrealobj(value) and isinstance(np.asarray(value).item(), numbers.Real)
+            x = float(value) if ok else math.nan
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not math.isfinite(x) or x < low or x > high or (low_open and x == low):
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite real number in {bound}, got {value!r}")
+    return x
 
 
 def check_int(name: str, value, minimum: int) -> int:

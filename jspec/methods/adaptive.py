@@ -22,7 +22,6 @@ Lossless: k_row depends only on earlier rounds, never on this round's draws.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 
 from jspec.methods.chain import draft_chain, verify_cut_chain
 from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, score_tree
+from jspec.validation import check_real
 
 
 @jax.tree_util.register_dataclass
@@ -54,12 +54,6 @@ def round_counts(accepted: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax
     return first_accepted, jnp.ones_like(accepted), jnp.maximum(accepted - 1.0, 0.0), jnp.minimum(accepted, drafts - 1.0)
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class AdaptiveK(SpeculativeStrategy):
     """A chain of per-row length k in 1..k_max, chosen each round (see the module docstring).
@@ -78,13 +72,12 @@ class AdaptiveK(SpeculativeStrategy):
     stop: Any = None
 
     def __post_init__(self):
-        _positive("t_draft", self.t_draft)
+        check_real("t_draft", self.t_draft, low=0.0)
         costs = self.t_target
         if not isinstance(costs, tuple) or len(costs) < 2:
             raise ValueError(f"t_target must be a tuple of >= 2 costs (passes over 1, 2, .. tokens), got {costs!r}")
         for i, t in enumerate(costs):
-            if _positive(f"t_target[{i}]", t) == 0:
-                raise ValueError(f"t_target[{i}] must be > 0, got {t!r}")
+            check_real(f"t_target[{i}]", t, low=0.0, low_open=True)
         for name in ("decay", "prior"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
