@@ -4,6 +4,7 @@
     python -m infer.generate --prompt "Explain recursion." --k 6 --temperature 1
     python -m infer.generate --interactive                    # a chat that streams each answer
     python -m infer.generate --tree eagle --nodes 9           # a token-tree strategy instead of a chain
+    python -m infer.generate --compare-dtypes float32 bfloat16  # AR and speculation with the target in each
     python -m infer.generate --target target --batch-size 2   # the small code models, code prompts
 
 Prints both outputs, whether they are identical (they must be at temperature 0), tau (tokens per
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--interactive", action="store_true", help="chat in a loop, streaming each speculative answer")
     parser.add_argument(
-        "--k", type=int, default=2, help="draft tokens per round (default: 2, the best measured on SmolLM2 on a 2-core CPU)"
+        "--k",
+        type=int,
+        default=1,
+        help="draft tokens per round (default: 1, the best measured on SmolLM2 on a 2-core CPU, float32 and bfloat16)",
     )
     parser.add_argument(
         "--verifier", choices=sorted(CHAIN_VERIFIERS), default="sampling", help="chain verifier (default: sampling)"
@@ -57,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per row (default: 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method, after the compile call (default: 3)")
+    parser.add_argument(
+        "--compare-dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=None,
+        metavar="DTYPE",
+        help="also time AR and speculative decoding with the target in each of these dtypes (the drafter as set), "
+        "interleaved in this process, each against the fastest AR: which dtype decodes fastest here",
+    )
     return parser
 
 
@@ -137,9 +150,36 @@ def interactive(target, drafter, tokenizer, strategy, sampling, args) -> None:
         )
 
 
+def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: list[str], repeats: int) -> dict:
+    """Tokens/s of AR and speculative decoding with the target cast to each of `dtypes`, timed
+    interleaved (a compiling call of each, then `repeats` rounds calling each in turn: a machine
+    whose speed drifts slows all alike). Returns {(dtype, "ar" | "speculative"): tokens/s}."""
+    fns = {}
+    for dtype in dtypes:
+        cast = target if dtype == target.config.param_dtype else jspec.models.cast(target, dtype)
+        fns[dtype, "ar"] = lambda t=cast: jspec.generate(t, prompts, **common)
+        fns[dtype, "speculative"] = lambda t=cast: jspec.speculative_generate(t, drafter, prompts, strategy=strategy, **common)
+    outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.sum(outputs[name].lengths)) / statistics.median(times[name]) for name in fns}
+
+
+def print_dtype_comparison(tokens_per_s: dict, repeats: int) -> None:
+    fastest = max(v for (_, method), v in tokens_per_s.items() if method == "ar")
+    print(f"target dtype comparison (same process, interleaved, median of {repeats}; speedup against the fastest AR):")
+    for (dtype, method), value in tokens_per_s.items():
+        print(f"  {dtype:9s} {method:12s} {value:8.1f} tokens/s  {value / fastest:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison and print it. Returns the numbers printed, for tests: `identical` (bool,
-    None when sampling), `tau`, `ar_tokens_per_s`, `spec_tokens_per_s`, `speedup`."""
+    None when sampling), `tau`, `ar_tokens_per_s`, `spec_tokens_per_s`, `speedup`, and `by_dtype`
+    (`compare_dtypes`'s result with --compare-dtypes, else None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
@@ -205,7 +245,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"AR:          {ar_tokens_per_s:8.1f} tokens/s ({ar_seconds:.3f} s)")
     print(f"speculative: {spec_tokens_per_s:8.1f} tokens/s ({spec_seconds:.3f} s)")
     print(f"speedup: {spec_tokens_per_s / ar_tokens_per_s:.2f}x (same process, compile excluded, median of {args.repeats})")
+    by_dtype = None
+    if args.compare_dtypes:
+        by_dtype = compare_dtypes(target, drafter, strategy, prompts, common, args.compare_dtypes, args.repeats)
+        print_dtype_comparison(by_dtype, args.repeats)
     return {
+        "by_dtype": by_dtype,
         "identical": identical,
         "tau": tau,
         "ar_tokens_per_s": ar_tokens_per_s,

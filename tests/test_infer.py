@@ -36,6 +36,18 @@ def test_generate_greedy_outputs_identical(capsys):
     assert all(math.isfinite(result[key]) and result[key] > 0 for key in ("ar_tokens_per_s", "spec_tokens_per_s", "speedup"))
 
 
+def test_generate_compares_target_dtypes_against_the_fastest_ar(capsys):
+    result = generate.main([*SMALL_RUN, "--k", "2", "--compare-dtypes", "float32", "bfloat16"])
+    printed = capsys.readouterr().out
+    by_dtype = result["by_dtype"]
+    assert list(by_dtype) == [(d, m) for d in ("float32", "bfloat16") for m in ("ar", "speculative")]
+    assert all(math.isfinite(v) and v > 0 for v in by_dtype.values())
+    fastest = max(by_dtype["float32", "ar"], by_dtype["bfloat16", "ar"])
+    assert "target dtype comparison" in printed
+    for (dtype, method), value in by_dtype.items():
+        assert f"{dtype:9s} {method:12s} {value:8.1f} tokens/s  {value / fastest:.2f}x" in printed
+
+
 def test_generate_with_a_tree_method(capsys):
     """--tree sequoia: the acceptance vector is measured on the prompts, then the DP tree decodes."""
     result = generate.main([*SMALL_RUN, "--tree", "sequoia", "--nodes", "5", "--temperature", "0"])
