@@ -150,10 +150,12 @@ def interactive(target, drafter, tokenizer, strategy, sampling, args) -> None:
         )
 
 
-def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: list[str], repeats: int) -> dict:
+def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: list[str], repeats: int, greedy: bool):
     """Tokens/s of AR and speculative decoding with the target cast to each of `dtypes`, timed
     interleaved (a compiling call of each, then `repeats` rounds calling each in turn: a machine
-    whose speed drifts slows all alike). Returns {(dtype, "ar" | "speculative"): tokens/s}."""
+    whose speed drifts slows all alike). Returns ({(dtype, "ar" | "speculative"): tokens/s},
+    {dtype: whether the speculative output equals AR's in that dtype, every row; None when sampling}).
+    """
     fns = {}
     for dtype in dtypes:
         cast = target if dtype == target.config.param_dtype else jspec.models.cast(target, dtype)
@@ -166,20 +168,33 @@ def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: lis
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.sum(outputs[name].lengths)) / statistics.median(times[name]) for name in fns}
+    tokens_per_s = {name: float(np.sum(outputs[name].lengths)) / statistics.median(times[name]) for name in fns}
+    rows = range(prompts.shape[0])
+    identical = {
+        dtype: all(_valid_tokens(outputs[dtype, "ar"], b) == _valid_tokens(outputs[dtype, "speculative"], b) for b in rows)
+        if greedy
+        else None
+        for dtype in dtypes
+    }
+    return tokens_per_s, identical
 
 
-def print_dtype_comparison(tokens_per_s: dict, repeats: int) -> None:
+def print_dtype_comparison(tokens_per_s: dict, identical: dict, repeats: int) -> None:
     fastest = max(v for (_, method), v in tokens_per_s.items() if method == "ar")
     print(f"target dtype comparison (same process, interleaved, median of {repeats}; speedup against the fastest AR):")
     for (dtype, method), value in tokens_per_s.items():
-        print(f"  {dtype:9s} {method:12s} {value:8.1f} tokens/s  {value / fastest:.2f}x")
+        same = (
+            f"  greedy output identical to {dtype} AR: {identical[dtype]}"
+            if method == "speculative" and identical[dtype] is not None
+            else ""
+        )
+        print(f"  {dtype:9s} {method:12s} {value:8.1f} tokens/s  {value / fastest:.2f}x{same}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison and print it. Returns the numbers printed, for tests: `identical` (bool,
     None when sampling), `tau`, `ar_tokens_per_s`, `spec_tokens_per_s`, `speedup`, and `by_dtype`
-    (`compare_dtypes`'s result with --compare-dtypes, else None)."""
+    (with --compare-dtypes `compare_dtypes`'s two results as "tokens_per_s" and "identical", else None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     target, drafter, description = models_from_args(parser, args)
@@ -247,8 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"speedup: {spec_tokens_per_s / ar_tokens_per_s:.2f}x (same process, compile excluded, median of {args.repeats})")
     by_dtype = None
     if args.compare_dtypes:
-        by_dtype = compare_dtypes(target, drafter, strategy, prompts, common, args.compare_dtypes, args.repeats)
-        print_dtype_comparison(by_dtype, args.repeats)
+        tokens_per_s, same = compare_dtypes(
+            target, drafter, strategy, prompts, common, args.compare_dtypes, args.repeats, sampling.greedy
+        )
+        print_dtype_comparison(tokens_per_s, same, args.repeats)
+        by_dtype = {"tokens_per_s": tokens_per_s, "identical": same}
     return {
         "by_dtype": by_dtype,
         "identical": identical,

@@ -39,13 +39,15 @@ def test_generate_greedy_outputs_identical(capsys):
 def test_generate_compares_target_dtypes_against_the_fastest_ar(capsys):
     result = generate.main([*SMALL_RUN, "--k", "2", "--compare-dtypes", "float32", "bfloat16"])
     printed = capsys.readouterr().out
-    by_dtype = result["by_dtype"]
+    by_dtype = result["by_dtype"]["tokens_per_s"]
     assert list(by_dtype) == [(d, m) for d in ("float32", "bfloat16") for m in ("ar", "speculative")]
     assert all(math.isfinite(v) and v > 0 for v in by_dtype.values())
+    assert result["by_dtype"]["identical"] == {"float32": True, "bfloat16": True}  # greedy: each dtype against its own AR
     fastest = max(by_dtype["float32", "ar"], by_dtype["bfloat16", "ar"])
     assert "target dtype comparison" in printed
     for (dtype, method), value in by_dtype.items():
         assert f"{dtype:9s} {method:12s} {value:8.1f} tokens/s  {value / fastest:.2f}x" in printed
+    assert "greedy output identical to bfloat16 AR: True" in printed
 
 
 def test_generate_with_a_tree_method(capsys):
