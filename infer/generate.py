@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 import jspec
+from infer.bench import Batch, measure_interleaved
 from infer.methods import TREE_METHODS, tree_method
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompts_from_args, text_tokenizer
 from infer.timing import time_calls
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _valid_tokens(output: jspec.Output, row: int) -> list[int]:
     return np.asarray(output.tokens[row, : int(output.lengths[row])]).tolist()
+
+
+def _same_tokens(a: jspec.Output, b: jspec.Output, row: int) -> bool:
+    return _valid_tokens(a, row) == _valid_tokens(b, row)
 
 
 def _strategy(parser, args, target, drafter, prompts, sampling, rng):
@@ -152,26 +157,32 @@ def interactive(target, drafter, tokenizer, strategy, sampling, args) -> None:
 
 def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: list[str], repeats: int, greedy: bool):
     """Tokens/s of AR and speculative decoding with the target cast to each of `dtypes`, timed
-    interleaved (a compiling call of each, then `repeats` rounds calling each in turn: a machine
-    whose speed drifts slows all alike). Returns ({(dtype, "ar" | "speculative"): tokens/s},
-    {dtype: whether the speculative output equals AR's in that dtype, every row; None when sampling}).
+    interleaved (`infer.bench.measure_interleaved`: a compiling call of each, then `repeats` rounds
+    calling each in turn, so a machine whose speed drifts slows all alike). Returns
+    ({(dtype, "ar" | "speculative"): tokens/s}, {dtype: whether the speculative output equals AR's
+    in that dtype, every row; None when sampling}).
     """
-    fns = {}
+    fns, outputs = {}, {}
+
+    def recorded(name, decode):  # keeps the last output of each configuration for the identity check
+        def call(batch: Batch) -> jspec.Output:
+            outputs[name] = decode()
+            return outputs[name]
+
+        return call
+
     for dtype in dtypes:
         cast = target if dtype == target.config.param_dtype else jspec.models.cast(target, dtype)
-        fns[dtype, "ar"] = lambda t=cast: jspec.generate(t, prompts, **common)
-        fns[dtype, "speculative"] = lambda t=cast: jspec.speculative_generate(t, drafter, prompts, strategy=strategy, **common)
-    outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    tokens_per_s = {name: float(np.sum(outputs[name].lengths)) / statistics.median(times[name]) for name in fns}
-    rows = range(prompts.shape[0])
+        fns[dtype, "ar"] = recorded((dtype, "ar"), lambda t=cast: jspec.generate(t, prompts, **common))
+        fns[dtype, "speculative"] = recorded(
+            (dtype, "speculative"),
+            lambda t=cast: jspec.speculative_generate(t, drafter, prompts, strategy=strategy, **common),
+        )
+    batch = Batch(prompts, np.full((prompts.shape[0],), prompts.shape[1], np.int32), "prompt")
+    measured = measure_interleaved(fns, [batch], repeats)
+    tokens_per_s = {name: by_category["prompt"].tokens / by_category["prompt"].seconds for name, by_category in measured.items()}
     identical = {
-        dtype: all(_valid_tokens(outputs[dtype, "ar"], b) == _valid_tokens(outputs[dtype, "speculative"], b) for b in rows)
+        dtype: all(_same_tokens(outputs[dtype, "ar"], outputs[dtype, "speculative"], b) for b in range(prompts.shape[0]))
         if greedy
         else None
         for dtype in dtypes
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     tau = float(spec.stats.mean_accepted)
     identical = None
     if sampling.greedy:
-        identical = all(_valid_tokens(ar, b) == _valid_tokens(spec, b) for b in range(prompts.shape[0]))
+        identical = all(_same_tokens(ar, spec, b) for b in range(prompts.shape[0]))
 
     print(f"{prompts_description}; max_new_tokens {args.max_new_tokens}; {sampling}; strategy {strategy}")
     if chat is not None:
