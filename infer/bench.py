@@ -162,10 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Instruction sets that change which dtype XLA:CPU runs fastest: with AMX, bfloat16 passes over
+# 1-8 tokens cost about the same; without AVX-512, float32 one-token passes win (docs/benchmarks.md).
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and which of `_CPU_FEATURES` it has, from cpuinfo (Linux); the
+    architecture alone where that file is missing."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last CPU's values
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    features = ", ".join(f for f in _CPU_FEATURES if f in flags) or "none of " + "/".join(_CPU_FEATURES)
+    return f"{name} ({platform.machine()}; {features})"
+
+
 def machine() -> str:
     """The processor and the JAX devices the timings come from."""
-    processor = platform.processor() or platform.machine()
-    return f"{processor}, {os.cpu_count()} CPU cores; jax {jax.__version__} devices: {jax.devices()}"
+    return f"{cpu_model()}, {os.cpu_count()} CPU cores; jax {jax.__version__} devices: {jax.devices()}"
 
 
 def forward_costs(

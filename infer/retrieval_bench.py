@@ -9,6 +9,7 @@ Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/method
     chain-k1..k4    Chain(k=1) .. Chain(k=4): fixed lengths (k=1 the best in docs/benchmarks.md's 2026-12-07 run)
     eagle-n5        EagleTree(top_k=2, depth=2, size=5): the best fixed tree there
     pld-k2..k8      PromptLookup(k=2), (k=3), (k=4), (k=8): no model
+    pld-k4+drafter  PromptLookup(k=4) falling back on the drafter where the lookup finds nothing
     rest-n8         Rest(size=8, depth=4) on the --datastore (python -m train.datastore --stdlib)
     rasd-n5+r6      RASD: the eagle-n5 tree fused with a prompt-lookup trie of 6 nodes
     rasd-n5+r6+ds   the same with a REST trie of 6 more nodes from the --datastore
@@ -19,7 +20,8 @@ Each prompt is decoded once untimed by every method (compiling its shape), then 
 times (median), the methods in turn on each prompt (`infer.bench.measure_interleaved`: a machine
 whose speed drifts slows every method alike); a method's tokens/s is all its tokens over the sum of
 those medians. tau: emitted tokens per target pass; target passes per prompt (rounds) show the
-rounds an adaptive method saves or spends. Speedup is against AR at the same temperature, in the
+rounds an adaptive method saves or spends, and AdaptiveK's record holds `rounds_per_k`, the rounds
+it ran at each k (the k its cost model chose). Speedup is against AR at the same temperature, in the
 same run.
 
 Both are reported end to end (the prompt's prefill included, as a user waits for it) and for the
@@ -38,6 +40,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 import jspec
@@ -86,6 +89,7 @@ def methods(drafter, retrieval, costs: dict[str, float]) -> list[tuple[str, obje
         *((f"chain-k{k}", jspec.Chain(k=k), drafter) for k in (1, 2, 3, 4)),
         ("eagle-n5", jspec.EagleTree(top_k=2, depth=2, size=5), drafter),
         *((f"pld-k{k}", jspec.PromptLookup(k=k), None) for k in (2, 3, 4, 8)),
+        ("pld-k4+drafter", jspec.PromptLookup(k=4), drafter),
     ]
     if retrieval is not None:
         out.append(("rest-n8", jspec.Rest(size=8, depth=4), retrieval))
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         chosen = [m for m in methods(drafter, retrieval, costs) if not args.methods or m[0] in args.methods]
         fns = {"ar": functools.partial(_autoregressive, target, common)}
         for name, strategy, drafter_arg in chosen:
-            fns[name] = functools.partial(_speculative, target, drafter_arg, strategy, common)
+            fns[name] = ChosenK(functools.partial(_speculative, target, drafter_arg, strategy, common))
         if prefills is None:
             prefills = prefill_seconds(target, batches, args.max_new_tokens, args.repeats)
             print("prefill (s, by category): " + ", ".join(f"{c} {t:.2f}" for c, t in prefills.items()), flush=True)
@@ -144,10 +148,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, strategy, _ in chosen:
             context_ = {**context, "strategy": repr(strategy)}
             records.append(record(name, temperature, measured[name], ar, ar_rate, costs, context_, prefills))
+            if (rounds_per_k := fns[name].rounds_per_k()) is not None:
+                records[-1]["rounds_per_k"] = rounds_per_k
             save(args.json, records)
         jax.clear_caches()
     print_summary(records, started)
     return records
+
+
+class ChosenK:
+    """Wraps a decode function and keeps, for an adaptive strategy (`Output.stats.strategy` with
+    "rounds_per_k", `[B, k_max]`), the rounds its last call on each batch ran at each k."""
+
+    def __init__(self, fn):
+        self.fn, self.by_batch = fn, {}
+
+    def __call__(self, batch: Batch) -> jspec.Output:
+        out = self.fn(batch)
+        counts = (out.stats.strategy or {}).get("rounds_per_k")
+        if counts is not None:
+            self.by_batch[id(batch)] = np.asarray(counts).sum(axis=0)
+        return out
+
+    def rounds_per_k(self) -> list[int] | None:
+        """Rounds at k = 1 .. k_max over every batch and row, or None (not an adaptive strategy)."""
+        return [int(n) for n in sum(self.by_batch.values())] if self.by_batch else None
 
 
 def _autoregressive(target, common: dict, batch: Batch) -> jspec.Output:
@@ -247,7 +272,8 @@ def print_row(r: dict) -> None:
     print(
         f"| {r['method']} | {r['temperature']:g} | tau {r['tau']:.2f} | {r['tokens_per_s']:.1f} tok/s | "
         f"{r['speedup_vs_ar']:.2f}x | decoding alone {_fmt(r['decode_tokens_per_s'], '{:.1f} tok/s')}, "
-        f"{_fmt(r['decode_speedup_vs_ar'], '{:.2f}x')} | passes/prompt {r['target_passes']:.1f} |",
+        f"{_fmt(r['decode_speedup_vs_ar'], '{:.2f}x')} | passes/prompt {r['target_passes']:.1f} |"
+        + (f" rounds at k = 1..: {r['rounds_per_k']} |" if "rounds_per_k" in r else ""),
         flush=True,
     )
 

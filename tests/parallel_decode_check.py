@@ -12,7 +12,10 @@ raises an AssertionError saying what differed; success prints `PARALLEL DECODE O
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +110,33 @@ def main() -> None:
         pvalue = chi_square_pvalue(codes, exact)
         assert pvalue > 1e-3, f"{strategy}: first 3 tokens on 2 devices: chi-square p = {pvalue:.2e}"
         print(f"{strategy}: T=1 first-3-token law on 2 devices: p = {pvalue:.3f} ({len(codes)} samples, {PROMPT.tolist()})")
+    check_parallel_bench()
     print("PARALLEL DECODE OK")
+
+
+def check_parallel_bench() -> None:
+    """`python -m infer.parallel_bench` runs on 2 devices and writes a record per method, with the
+    SSD hit rate, PEARL's post-verify share and the analysis's predictions."""
+    from infer import parallel_bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        questions = Path(tmp) / "q.jsonl"
+        lines = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([("rag", "a b a b"), ("qa", "x y")])]
+        questions.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        out = Path(tmp) / "p.json"
+        records = parallel_bench.main(
+            ["--target", "target", "--json", str(out), "--prompts-jsonl", str(questions), "--max-new-tokens", "6",
+             "--temperatures", "0", "--k", "2", "--gamma", "2"]
+        )  # fmt: skip
+        assert json.loads(out.read_text()) == records
+    names = [r["method"] for r in records]
+    assert names == ["ar", "chain-k2", "ssd-k2-1dev", "ssd-k2-2dev", "pearl-g2-1dev", "pearl-g2-2dev"], names
+    for r in records:
+        assert set(r["by_category"]) == {"rag", "qa"} and r["tokens_per_s"] > 0, r
+    by_name = {r["method"]: r for r in records}
+    assert 0 <= by_name["ssd-k2-2dev"]["hit_rate"] <= 1 and 0 <= by_name["pearl-g2-2dev"]["post_verify_share"] <= 1
+    assert all(by_name[n]["predicted_speedup"] > 0 for n in ("chain-k2", "ssd-k2-2dev", "pearl-g2-2dev"))
+    print(f"parallel_bench: {names}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_row_k_is_the_cost_model_s_best_k_at_each_row_s_two_rates():
     assert strategy.k_max == 4 and strategy.t_target == tuple(COSTS["t_target"])
     rates = np.random.default_rng(0).uniform(0, 1, (200, 2)).astype(np.float32)
     ones = jnp.ones((200,), jnp.float32)
-    carry = AdaptiveCarry(None, jnp.asarray(rates[:, 0]), ones, jnp.asarray(rates[:, 1]), ones)
+    carry = AdaptiveCarry(None, jnp.asarray(rates[:, 0]), ones, jnp.asarray(rates[:, 1]), ones, None)
     expected = [best_k_from_costs(float(a), 0.1, COSTS["t_target"], alpha_next=float(b)) for a, b in rates]
     np.testing.assert_array_equal(np.asarray(strategy.row_k(carry)), expected)
     assert len(set(expected)) == 4  # the grid reaches every k
@@ -59,6 +59,13 @@ def test_rows_that_accept_more_draft_longer():
     )
     assert float(same.stats.mean_accepted) > 4.0  # k reached 4: 5 tokens per round
     assert float(other.stats.mean_accepted) <= float(fixed.stats.mean_accepted) + 1e-6
+    # The chosen k is counted per row, one count per round the row was active.
+    for out in (same, other):
+        per_k = np.asarray(out.stats.strategy["rounds_per_k"])
+        assert per_k.shape == (3, 4)
+        np.testing.assert_array_equal(per_k.sum(axis=1), np.asarray(out.stats.target_passes))
+    at_k_max = [np.asarray(out.stats.strategy["rounds_per_k"])[:, 3].sum() for out in (same, other)]
+    assert at_k_max[0] > at_k_max[1]
 
 
 def test_arguments_are_checked():

@@ -399,9 +399,14 @@ def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
     records = retrieval_bench.main([
         "--target", "target", "--json", str(tmp_path / "r.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"),
         "--datastore", str(tmp_path / "ds"), "--max-new-tokens", "6", "--temperatures", "1",
-        "--methods", "pld-k4", "rest-n8",
+        "--methods", "pld-k4", "rest-n8", "adaptive-k4",
     ])  # fmt: skip
-    assert [(r["method"], r["temperature"]) for r in records] == [("ar", 1.0), ("pld-k4", 1.0), ("rest-n8", 1.0)]
+    methods = [("ar", 1.0), ("pld-k4", 1.0), ("rest-n8", 1.0), ("adaptive-k4", 1.0)]
+    assert [(r["method"], r["temperature"]) for r in records] == methods
+    # The adaptive strategy's chosen k: one count per round of each of the 2 prompts' rows.
+    adaptive = records[-1]
+    assert len(adaptive["rounds_per_k"]) == 4 and sum(adaptive["rounds_per_k"]) == round(2 * adaptive["target_passes"])
+    assert all("rounds_per_k" not in r for r in records[:-1])
     assert json.loads((tmp_path / "r.json").read_text()) == records
     for r in records:
         assert set(r["by_category"]) == {"rag", "qa"} and r["tokens_per_s"] > 0 and r["target_passes"] > 0
@@ -477,3 +482,17 @@ def test_serve_bench_divides_by_ar_s_mean():
     add_speedups(records)
     assert [r.get("speedup") for r in records] == [10 / 9, 12 / 9, 1.0, 8 / 9, None]  # over AR's mean, 9; none without AR
     assert records[1]["mean_speedup"] == records[2]["mean_speedup"] == 10.5 / 9
+
+
+def test_cpu_model_names_the_cpu_and_the_dtype_relevant_features(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Example CPU\nflags\t\t: fpu avx2 avx512f amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Example CPU\nflags\t\t: fpu avx2 avx512f amx_bf16\n"
+    )
+    described = bench.cpu_model(str(cpuinfo))
+    assert described.startswith("Example CPU (")
+    assert "avx2, avx512f, amx_bf16" in described and "avx512_bf16" not in described
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert "none of avx2/avx512f/avx512_bf16/amx_bf16" in bench.cpu_model(str(cpuinfo))
+    assert bench.cpu_model(str(tmp_path / "missing"))  # not Linux: the architecture

@@ -36,13 +36,15 @@ from jspec.validation import check_real
 @dataclasses.dataclass(frozen=True)
 class AdaptiveCarry:
     """The round carry plus, per row, decayed counts `[B]`: first drafts accepted and tried, later
-    drafts accepted and tried (a later draft is tried once the one before it was accepted)."""
+    drafts accepted and tried (a later draft is tried once the one before it was accepted); and
+    rounds_per_k, int32 `[B, k_max]`: the rounds each row ran at k = 1 .. k_max (its `stats`)."""
 
     round: RoundCarry
     first_accepted: jax.Array
     first_tried: jax.Array
     next_accepted: jax.Array
     next_tried: jax.Array
+    rounds_per_k: jax.Array
 
 
 def round_counts(accepted: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -124,7 +126,12 @@ class AdaptiveK(SpeculativeStrategy):
         carry = super().init(target, drafter, prefill, first_token, sampling)
         b = first_token.shape[0]
         accepted, tried = jnp.full((b,), 2.0 * self.prior, jnp.float32), jnp.full((b,), 2.0, jnp.float32)
-        return AdaptiveCarry(carry, accepted, tried, accepted, tried)
+        return AdaptiveCarry(carry, accepted, tried, accepted, tried, jnp.zeros((b, self.k_max), jnp.int32))
+
+    def stats(self, carry: AdaptiveCarry) -> dict[str, jax.Array]:
+        """`Output.stats.strategy`: rounds run at k = 1 .. k_max per row, int32 `[B, k_max]` (the k the
+        cost model chose, before any stop rule cut the chain)."""
+        return {"rounds_per_k": carry.rounds_per_k}
 
     def round(self, target, drafter, carry: AdaptiveCarry, active, sampling, key):
         key_draft, key_verify = jax.random.split(key)
@@ -139,4 +146,6 @@ class AdaptiveK(SpeculativeStrategy):
         update = lambda old, new: jnp.where(observed, self.decay * old + new, old)  # noqa: E731
         counts = (carry.first_accepted, carry.first_tried, carry.next_accepted, carry.next_tried)
         new = round_counts(verdict.accepted, drafts)
-        return AdaptiveCarry(inner, *(update(old, n) for old, n in zip(counts, new))), tokens, n_new
+        chosen = (jax.nn.one_hot(k - 1, self.k_max, dtype=jnp.int32) * active[:, None]).astype(jnp.int32)
+        rounds_per_k = carry.rounds_per_k + chosen
+        return AdaptiveCarry(inner, *(update(old, n) for old, n in zip(counts, new)), rounds_per_k), tokens, n_new
