@@ -302,6 +302,24 @@ def measure(fn: Callable, batches: list, repeats: int, compiled: set | None = No
     return total
 
 
+class LastOutputs:
+    """Wraps a decode function `(Batch) -> Output` and keeps its last output on each batch: the
+    timing loops keep none, and a strategy's own counts (`Output.stats.strategy`) or a greedy
+    identity check read them here. `outputs`: one per batch, in the order first called."""
+
+    def __init__(self, fn: Callable[[Batch], jspec.Output]):
+        self.fn, self.by_batch = fn, {}
+
+    def __call__(self, batch: Batch) -> jspec.Output:
+        out = self.fn(batch)
+        self.by_batch[id(batch)] = out  # a Batch holds arrays (unhashable); the loops reuse each object
+        return out
+
+    @property
+    def outputs(self) -> list[jspec.Output]:
+        return list(self.by_batch.values())
+
+
 def measure_by_category(fn: Callable[[Batch], jspec.Output], batches: list[Batch], repeats: int) -> dict[str, Measured]:
     """`measure` per category, in the batches' order; each shape compiles once."""
     return measure_interleaved({"method": fn}, batches, repeats)["method"]

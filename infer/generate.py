@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import jspec
-from infer.bench import Batch, measure_interleaved
+from infer.bench import Batch, LastOutputs, measure_interleaved
 from infer.methods import TREE_METHODS, tree_method
 from infer.models import add_model_arguments, chat_tokenizer, models_from_args, prompts_from_args, text_tokenizer
 from infer.timing import time_calls
@@ -162,27 +162,20 @@ def compare_dtypes(target, drafter, strategy, prompts, common: dict, dtypes: lis
     ({(dtype, "ar" | "speculative"): tokens/s}, {dtype: whether the speculative output equals AR's
     in that dtype, every row; None when sampling}).
     """
-    fns, outputs = {}, {}
-
-    def recorded(name, decode):  # keeps the last output of each configuration for the identity check
-        def call(batch: Batch) -> jspec.Output:
-            outputs[name] = decode()
-            return outputs[name]
-
-        return call
-
+    fns = {}
     for dtype in dtypes:
         cast = target if dtype == target.config.param_dtype else jspec.models.cast(target, dtype)
-        fns[dtype, "ar"] = recorded((dtype, "ar"), lambda t=cast: jspec.generate(t, prompts, **common))
-        fns[dtype, "speculative"] = recorded(
-            (dtype, "speculative"),
-            lambda t=cast: jspec.speculative_generate(t, drafter, prompts, strategy=strategy, **common),
+        fns[dtype, "ar"] = LastOutputs(lambda _, t=cast: jspec.generate(t, prompts, **common))
+        fns[dtype, "speculative"] = LastOutputs(
+            lambda _, t=cast: jspec.speculative_generate(t, drafter, prompts, strategy=strategy, **common)
         )
     batch = Batch(prompts, np.full((prompts.shape[0],), prompts.shape[1], np.int32), "prompt")
     measured = measure_interleaved(fns, [batch], repeats)
     tokens_per_s = {name: by_category["prompt"].tokens / by_category["prompt"].seconds for name, by_category in measured.items()}
     identical = {
-        dtype: all(_same_tokens(outputs[dtype, "ar"], outputs[dtype, "speculative"], b) for b in range(prompts.shape[0]))
+        dtype: all(
+            _same_tokens(fns[dtype, "ar"].outputs[0], fns[dtype, "speculative"].outputs[0], b) for b in range(prompts.shape[0])
+        )
         if greedy
         else None
         for dtype in dtypes

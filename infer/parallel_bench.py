@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import jspec
-from infer.bench import jsonl_batches, machine, measure_by_category, total
+from infer.bench import LastOutputs, jsonl_batches, machine, measure_by_category, total
 from infer.models import add_model_arguments, models_from_args
 from infer.retrieval_bench import prefill_seconds, print_summary, record, save, target_eos
 from infer.spec_bench import default_spec_bench
@@ -51,18 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts-jsonl", metavar="FILE", default=None)
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per prompt (default: 1)")
     return parser
-
-
-class Recorder:
-    """Wraps a decode function and keeps its last output, for the stats `measure` does not keep."""
-
-    def __init__(self, fn):
-        self.fn, self.outputs = fn, []
-
-    def __call__(self, batch):
-        out = self.fn(batch)
-        self.outputs.append(out)
-        return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ]
         chain_tau = None
         for name, strategy, placed_as in methods:
-            recorder = Recorder(placed_as(strategy))
+            recorder = LastOutputs(placed_as(strategy))
             by_category = measure_by_category(recorder, batches, args.repeats)
             rec = record(name, temperature, by_category, ar, ar_rate, costs, {**context, "strategy": repr(strategy)}, prefills)
             tau = total(by_category).tau

@@ -46,6 +46,7 @@ from flax import nnx
 import jspec
 from infer.bench import (
     Batch,
+    LastOutputs,
     category_records,
     jsonl_batches,
     machine,
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         chosen = [m for m in methods(drafter, retrieval, costs) if not args.methods or m[0] in args.methods]
         fns = {"ar": functools.partial(_autoregressive, target, common)}
         for name, strategy, drafter_arg in chosen:
-            fns[name] = ChosenK(functools.partial(_speculative, target, drafter_arg, strategy, common))
+            fns[name] = LastOutputs(functools.partial(_speculative, target, drafter_arg, strategy, common))
         if prefills is None:
             prefills = prefill_seconds(target, batches, args.max_new_tokens, args.repeats)
             print("prefill (s, by category): " + ", ".join(f"{c} {t:.2f}" for c, t in prefills.items()), flush=True)
@@ -148,31 +149,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, strategy, _ in chosen:
             context_ = {**context, "strategy": repr(strategy)}
             records.append(record(name, temperature, measured[name], ar, ar_rate, costs, context_, prefills))
-            if (rounds_per_k := fns[name].rounds_per_k()) is not None:
-                records[-1]["rounds_per_k"] = rounds_per_k
+            if (chosen_k := rounds_per_k(fns[name].outputs)) is not None:
+                records[-1]["rounds_per_k"] = chosen_k
             save(args.json, records)
         jax.clear_caches()
     print_summary(records, started)
     return records
 
 
-class ChosenK:
-    """Wraps a decode function and keeps, for an adaptive strategy (`Output.stats.strategy` with
-    "rounds_per_k", `[B, k_max]`), the rounds its last call on each batch ran at each k."""
-
-    def __init__(self, fn):
-        self.fn, self.by_batch = fn, {}
-
-    def __call__(self, batch: Batch) -> jspec.Output:
-        out = self.fn(batch)
-        counts = (out.stats.strategy or {}).get("rounds_per_k")
-        if counts is not None:
-            self.by_batch[id(batch)] = np.asarray(counts).sum(axis=0)
-        return out
-
-    def rounds_per_k(self) -> list[int] | None:
-        """Rounds at k = 1 .. k_max over every batch and row, or None (not an adaptive strategy)."""
-        return [int(n) for n in sum(self.by_batch.values())] if self.by_batch else None
+def rounds_per_k(outputs: list[jspec.Output]) -> list[int] | None:
+    """An adaptive strategy's rounds at k = 1 .. k_max (`Output.stats.strategy["rounds_per_k"]`,
+    `[B, k_max]`), summed over the outputs' rows; None for a strategy that does not count them."""
+    counts = [
+        np.asarray(out.stats.strategy["rounds_per_k"]).sum(axis=0)
+        for out in outputs
+        if "rounds_per_k" in (out.stats.strategy or {})
+    ]
+    return [int(n) for n in sum(counts)] if counts else None
 
 
 def _autoregressive(target, common: dict, batch: Batch) -> jspec.Output:

@@ -146,6 +146,5 @@ class AdaptiveK(SpeculativeStrategy):
         update = lambda old, new: jnp.where(observed, self.decay * old + new, old)  # noqa: E731
         counts = (carry.first_accepted, carry.first_tried, carry.next_accepted, carry.next_tried)
         new = round_counts(verdict.accepted, drafts)
-        chosen = (jax.nn.one_hot(k - 1, self.k_max, dtype=jnp.int32) * active[:, None]).astype(jnp.int32)
-        rounds_per_k = carry.rounds_per_k + chosen
+        rounds_per_k = carry.rounds_per_k + jax.nn.one_hot(k - 1, self.k_max, dtype=jnp.int32) * active[:, None]
         return AdaptiveCarry(inner, *(update(old, n) for old, n in zip(counts, new)), rounds_per_k), tokens, n_new
