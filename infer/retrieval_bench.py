@@ -15,14 +15,15 @@ Methods (SmolLM2-135M-Instruct and its bundled drafter by default; `infer/method
     rasd-n5+r6+ds   the same with a REST trie of 6 more nodes from the --datastore
     stop-k4         Chain(k=4, stop=ConfidenceStop(0.3)): SpecDec++-style confidence stop
     adaptive-k4     AdaptiveK from the measured costs (t_draft, t_target(1..5)), k in 1..4
+    smartspec-k4    SmartSpec from the same costs: one k for the batch, k = 0 (plain decoding) included
 
 Each prompt is decoded once untimed by every method (compiling its shape), then timed --repeats
 times (median), the methods in turn on each prompt (`infer.bench.measure_interleaved`: a machine
 whose speed drifts slows every method alike); a method's tokens/s is all its tokens over the sum of
 those medians. tau: emitted tokens per target pass; target passes per prompt (rounds) show the
-rounds an adaptive method saves or spends, and AdaptiveK's record holds `rounds_per_k`, the rounds
-it ran at each k (the k its cost model chose). Speedup is against AR at the same temperature, in the
-same run.
+rounds an adaptive method saves or spends, and AdaptiveK's and SmartSpec's records hold
+`rounds_per_k`, the rounds they ran at each k (the k their cost model chose; {"k": rounds}).
+Speedup is against AR at the same temperature, in the same run.
 
 Both are reported end to end (the prompt's prefill included, as a user waits for it) and for the
 decoding alone: the target's prefill of each prompt, timed on its own (median of --repeats after a
@@ -101,6 +102,7 @@ def methods(drafter, retrieval, costs: dict[str, float]) -> list[tuple[str, obje
     out += [
         ("stop-k4", jspec.Chain(k=4, stop=jspec.ConfidenceStop(0.3)), drafter),
         ("adaptive-k4", jspec.AdaptiveK.from_costs(costs["t_draft"], t_target, k_max=4), drafter),
+        ("smartspec-k4", jspec.SmartSpec.from_costs(costs["t_draft"], t_target, k_max=4), drafter),
     ]
     return out
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, strategy, _ in chosen:
             context_ = {**context, "strategy": repr(strategy)}
             records.append(record(name, temperature, measured[name], ar, ar_rate, costs, context_, prefills))
-            if (chosen_k := rounds_per_k(fns[name].outputs)) is not None:
+            if (chosen_k := rounds_per_k(strategy, fns[name].outputs)) is not None:
                 records[-1]["rounds_per_k"] = chosen_k
             save(args.json, records)
         jax.clear_caches()
@@ -157,15 +159,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return records
 
 
-def rounds_per_k(outputs: list[jspec.Output]) -> list[int] | None:
-    """An adaptive strategy's rounds at k = 1 .. k_max (`Output.stats.strategy["rounds_per_k"]`,
-    `[B, k_max]`), summed over the outputs' rows; None for a strategy that does not count them."""
-    counts = [
-        np.asarray(out.stats.strategy["rounds_per_k"]).sum(axis=0)
-        for out in outputs
-        if "rounds_per_k" in (out.stats.strategy or {})
-    ]
-    return [int(n) for n in sum(counts)] if counts else None
+def rounds_per_k(strategy, outputs: list[jspec.Output]) -> dict[str, int] | None:
+    """An adaptive strategy's rounds at each k it chose, summed over the outputs' rows, as
+    {"k": rounds}: AdaptiveK's k = 1 .. k_max (`Output.stats.strategy["rounds_per_k"]`, `[B, k_max]`),
+    SmartSpec's k = 0 .. k_max (`Output.stats.strategy`, `[k_max + 1]`, rounds of the batch); None
+    for a strategy that does not count them."""
+    if isinstance(strategy, jspec.AdaptiveK):
+        counts, first = [np.asarray(out.stats.strategy["rounds_per_k"]).sum(axis=0) for out in outputs], 1
+    elif isinstance(strategy, jspec.SmartSpec):
+        counts, first = [np.asarray(out.stats.strategy) for out in outputs], 0
+    else:
+        return None
+    return {str(first + k): int(n) for k, n in enumerate(sum(counts))} if counts else None
 
 
 def _autoregressive(target, common: dict, batch: Batch) -> jspec.Output:
@@ -266,7 +271,7 @@ def print_row(r: dict) -> None:
         f"| {r['method']} | {r['temperature']:g} | tau {r['tau']:.2f} | {r['tokens_per_s']:.1f} tok/s | "
         f"{r['speedup_vs_ar']:.2f}x | decoding alone {_fmt(r['decode_tokens_per_s'], '{:.1f} tok/s')}, "
         f"{_fmt(r['decode_speedup_vs_ar'], '{:.2f}x')} | passes/prompt {r['target_passes']:.1f} |"
-        + (f" rounds at k = 1..: {r['rounds_per_k']} |" if "rounds_per_k" in r else ""),
+        + (f" rounds per k: {r['rounds_per_k']} |" if "rounds_per_k" in r else ""),
         flush=True,
     )
 

@@ -186,7 +186,8 @@ def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     batch, Mamba-2 buffers by `ssm_partition_spec`)."""
     kv = NamedSharding(mesh, cache_partition_spec(cache.keys.shape, mesh))
     ssm = None if cache.ssm is None else jax.tree.map(lambda a: NamedSharding(mesh, ssm_partition_spec(a.shape, mesh)), cache.ssm)
-    return KVCache(keys=kv, values=kv, lengths=NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh)), ssm=ssm)
+    lengths = NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh))
+    return KVCache(keys=kv, values=kv, lengths=lengths, ssm=ssm, dtype=cache.dtype)
 
 
 def constrain_cache(cache: KVCache) -> KVCache:

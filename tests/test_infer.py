@@ -399,14 +399,15 @@ def test_retrieval_bench_writes_a_record_per_method_and_temperature(tmp_path):
     records = retrieval_bench.main([
         "--target", "target", "--json", str(tmp_path / "r.json"), "--prompts-jsonl", str(tmp_path / "q.jsonl"),
         "--datastore", str(tmp_path / "ds"), "--max-new-tokens", "6", "--temperatures", "1",
-        "--methods", "pld-k4", "rest-n8", "adaptive-k4",
+        "--methods", "pld-k4", "rest-n8", "adaptive-k4", "smartspec-k4",
     ])  # fmt: skip
-    methods = [("ar", 1.0), ("pld-k4", 1.0), ("rest-n8", 1.0), ("adaptive-k4", 1.0)]
+    methods = [("ar", 1.0), ("pld-k4", 1.0), ("rest-n8", 1.0), ("adaptive-k4", 1.0), ("smartspec-k4", 1.0)]
     assert [(r["method"], r["temperature"]) for r in records] == methods
-    # The adaptive strategy's chosen k: one count per round of each of the 2 prompts' rows.
-    adaptive = records[-1]
-    assert len(adaptive["rounds_per_k"]) == 4 and sum(adaptive["rounds_per_k"]) == round(2 * adaptive["target_passes"])
-    assert all("rounds_per_k" not in r for r in records[:-1])
+    # The adaptive strategies' chosen k: one count per round of each of the 2 prompts (batches of 1).
+    for adaptive, ks in zip(records[-2:], (["1", "2", "3", "4"], ["0", "1", "2", "3", "4"])):
+        assert list(adaptive["rounds_per_k"]) == ks
+        assert sum(adaptive["rounds_per_k"].values()) == round(2 * adaptive["target_passes"])
+    assert all("rounds_per_k" not in r for r in records[:-2])
     assert json.loads((tmp_path / "r.json").read_text()) == records
     for r in records:
         assert set(r["by_category"]) == {"rag", "qa"} and r["tokens_per_s"] > 0 and r["target_passes"] > 0

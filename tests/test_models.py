@@ -19,9 +19,10 @@ from jspec.models import (
     init_cache,
     load,
     save,
+    transformer,
     truncate,
 )
-from jspec.models.kv_cache import write_layer
+from jspec.models.kv_cache import to_storage, write_layer
 from jspec.models.transformer import matmul_dot_general
 
 from conftest import TINY, causal_logits, forward, random_model
@@ -72,7 +73,8 @@ def test_incremental_decoding_matches_full_causal_forward(name):
     atol = TOLERANCE.get(name, 2e-4)
     np.testing.assert_allclose(incremental, full, atol=atol, rtol=atol / 2)
     assert (np.asarray(cache.lengths) == t).all()
-    assert cache.keys.dtype == jnp.dtype(model.config.dtype)
+    assert cache.dtype == model.config.dtype
+    assert cache.layer(0)[0].dtype == jnp.dtype(model.config.dtype)
 
 
 @pytest.mark.parametrize("head_tokens", [None, 40])
@@ -159,37 +161,43 @@ def test_commit_path_keeps_only_the_accepted_path():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_cache_writes_and_path_commits_are_exact_in_every_dtype(dtype):
-    """16-bit caches are scattered as integer bits (XLA's CPU backend would upcast the whole
-    buffer): the values written and moved must be exactly those given, slots past S dropped."""
+    """16-bit caches are stored and scattered as integer bits (XLA's CPU backend would upcast or
+    copy the whole buffer): the values written and moved must be exactly those given, slots past
+    S dropped, and read back in the cache's dtype."""
     rng = np.random.RandomState(3)
     shape = (2, 3, 8, 1, 4)  # [L, B, S, H, D]
+    keys, values = (jnp.asarray(rng.randn(*shape), dtype) for _ in range(2))
     cache = KVCache(
-        keys=jnp.asarray(rng.randn(*shape), dtype), values=jnp.asarray(rng.randn(*shape), dtype),
-        lengths=jnp.asarray([2, 5, 7], jnp.int32),
-    )  # fmt: skip
+        keys=to_storage(keys, dtype), values=to_storage(values, dtype), lengths=jnp.asarray([2, 5, 7], jnp.int32), dtype=dtype
+    )
+    assert cache.keys.dtype == (jnp.uint16 if dtype != "float32" else jnp.float32)
     new = jnp.asarray(rng.randn(3, 2, 1, 4), dtype)
     written = jax.jit(write_layer, static_argnums=1)(cache.keys, 1, new, cache.lengths)
-    expected = np.asarray(cache.keys).copy()
+    expected = np.asarray(keys).copy()
     for row, start in enumerate([2, 5, 7]):
         for i in range(2):
             if start + i < 8:  # row 2's second token falls past the cache: dropped
                 expected[1, row, start + i] = np.asarray(new)[row, i]
-    np.testing.assert_array_equal(np.asarray(written), expected)
-    assert written.dtype == jnp.dtype(dtype)
+    written = dataclasses.replace(cache, keys=written)
+    np.testing.assert_array_equal(np.stack([np.asarray(written.layer(layer)[0]) for layer in range(2)]), expected)
+    assert written.layer(1)[0].dtype == jnp.dtype(dtype)
 
     path = jnp.asarray([[1], [0], [0]], jnp.int32)
     moved = jax.jit(commit_path)(cache, path, jnp.asarray([1, 1, 0], jnp.int32))
-    expected = np.asarray(cache.values).copy()
+    expected = np.asarray(values).copy()
     expected[:, 0, 2] = expected[:, 0, 3]  # row 0: new token 1 moves to its first new slot
-    np.testing.assert_array_equal(np.asarray(moved.values), expected)
+    np.testing.assert_array_equal(np.stack([np.asarray(moved.layer(layer)[1]) for layer in range(2)]), expected)
     assert list(np.asarray(moved.lengths)) == [3, 6, 7]
+    assert moved.dtype == dtype
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 127, 128, 300])
-def test_bfloat16_products_equal_the_float32_product_at_every_row_count(rows):
-    """On CPU a one-row bf16 product is computed as two rows and one of 128 rows or more in
-    float32 (faster kernels); either way the result is the float32-accumulated product, in the
-    requested dtype."""
+def test_bfloat16_products_equal_the_float32_product_at_every_row_count(rows, amx, monkeypatch):
+    """On CPU a one-row bf16 product is computed as two rows and, without AMX, one of 128 rows or
+    more in float32 (faster kernels); either way the result is the float32-accumulated product, in
+    the requested dtype."""
+    monkeypatch.setattr(transformer, "cpu_has_amx_bf16", lambda: amx)
     rng = np.random.RandomState(4)
     x = jnp.asarray(rng.randn(rows, 1, 16), jnp.bfloat16)
     w = jnp.asarray(rng.randn(16, 8), jnp.bfloat16)
@@ -201,6 +209,15 @@ def test_bfloat16_products_equal_the_float32_product_at_every_row_count(rows):
     rounded = jax.jit(lambda x, w: matmul_dot_general(x, w, numbers))(x, w)
     assert rounded.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(rounded, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_has_amx_bf16_reads_the_flags_of_cpuinfo(tmp_path):
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 amx_bf16x\n")
+    assert transformer.cpu_has_amx_bf16(str(amx))
+    assert not transformer.cpu_has_amx_bf16(str(avx2))
+    assert not transformer.cpu_has_amx_bf16(str(tmp_path / "missing"))  # not Linux
 
 
 def test_truncate_rewinds_lengths():

@@ -6,6 +6,13 @@ new tokens of each row, `commit_path` keeps an arbitrary accepted path (a tree's
 by gathering its entries into consecutive slots. Rejected entries are never cleared: they lie past
 `lengths` and are overwritten by the next forward pass.
 
+Keys and values of a 16-bit float model are stored as their uint16 bits (`storage_dtype`): XLA's CPU
+backend scatters a bfloat16/float16 buffer by converting all of it to float32 and back, and a
+bitcast to integers around each scatter copies the whole buffer as well (on a 2-core Xeon, SmolLM2 in
+bfloat16: four to six copies of the cache per speculative round, about 10% of it). Stored as bits,
+every write and commit is an in-place integer scatter; only the layer read for attention is
+bitcast back (`KVCache.layer`), which is free on accelerators.
+
 Mamba-2 layers (`SsmCache`) follow the same protocol. A pass writes, per new token's slot, the
 convolution's input and the SSM's per-token terms (decay log a, input dt * x, and B), and leaves
 the committed state (the state after `lengths` tokens) alone: a token tree is scored against that
@@ -43,16 +50,43 @@ class SsmCache:
     state: jax.Array
 
 
+def storage_dtype(dtype) -> jnp.dtype:
+    """The dtype cache buffers of `dtype` values are stored in: a 16-bit float as its uint16 bits,
+    anything else as itself (see the module docstring)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 else dtype
+
+
+def to_storage(x: jax.Array, dtype) -> jax.Array:
+    """`x` cast to `dtype`, in `storage_dtype(dtype)`."""
+    x = x.astype(dtype)
+    storage = storage_dtype(dtype)
+    return x if x.dtype == storage else jax.lax.bitcast_convert_type(x, storage)
+
+
+def from_storage(x: jax.Array, dtype) -> jax.Array:
+    """The `dtype` values of a buffer stored in `storage_dtype(dtype)`."""
+    dtype = jnp.dtype(dtype)
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """keys, values: `[La, B, S, H_kv, D]` (La attention layers); lengths: int32 `[B]`, committed
-    tokens per row; ssm: the Mamba-2 layers' `SsmCache`, None for attention-only models."""
+    """keys, values: `[La, B, S, H_kv, D]` (La attention layers), values of `dtype` stored in
+    `storage_dtype(dtype)` (read a layer with `layer`); lengths: int32 `[B]`, committed tokens per
+    row; ssm: the Mamba-2 layers' `SsmCache`, None for attention-only models; dtype: the name of
+    the keys' and values' dtype (static)."""
 
     keys: jax.Array
     values: jax.Array
     lengths: jax.Array
     ssm: SsmCache | None = None
+    dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+
+    def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Attention layer `layer`'s keys and values `[B, S, H_kv, D]`, in `dtype`."""
+        return from_storage(self.keys[layer], self.dtype), from_storage(self.values[layer], self.dtype)
 
     @property
     def size(self) -> int:
@@ -80,10 +114,11 @@ def init_cache(config: ModelConfig, batch_size: int, size: int, dtype=None) -> K
             state=jnp.zeros(lead + (h, p, n), jnp.float32),
         )
     return KVCache(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
+        keys=jnp.zeros(shape, storage_dtype(dtype)),
+        values=jnp.zeros(shape, storage_dtype(dtype)),
         lengths=jnp.zeros((batch_size,), jnp.int32),
         ssm=ssm,
+        dtype=dtype.name,
     )
 
 
@@ -93,8 +128,9 @@ def new_slots(lengths: jax.Array, t: int) -> jax.Array:
 
 
 def write_layer(buffer: jax.Array, layer: int, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write `new [B, T, H, D]` into layer `layer` of `buffer [L, B, S, H, D]` at slots
-    `start[b] ..` of each row (its committed length, or further into the uncommitted window).
+    """Write `new [B, T, H, D]` (in the buffer's dtype, or a 16-bit float into its uint16 bits)
+    into layer `layer` of `buffer [L, B, S, H, D]` at slots `start[b] ..` of each row (its
+    committed length, or further into the uncommitted window).
 
     A scatter into the one cache buffer (no per-layer copy), which XLA performs in place inside a
     while_loop. Slots past S are dropped rather than clamped, so an undersized cache can never
@@ -102,13 +138,16 @@ def write_layer(buffer: jax.Array, layer: int, new: jax.Array, start: jax.Array)
     """
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
+    if buffer.dtype == jnp.uint16 and new.dtype != jnp.uint16:
+        new = jax.lax.bitcast_convert_type(new, jnp.uint16)
     return scatter_set(buffer, (layer, rows, new_slots(start, t)), new.astype(buffer.dtype))
 
 
 def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array:
     """`buffer.at[index].set(values, mode="drop")`, with a 16-bit float buffer scattered as its
     integer bits: XLA's CPU backend scatters bfloat16/float16 by converting the whole buffer to
-    float32 and back (the whole cache, every layer of every pass), integers in place."""
+    float32 and back, integers in place (the bitcasts still copy the buffer: the KV cache avoids
+    them by storing bits, `storage_dtype`; this is for the Mamba-2 convolution inputs)."""
     if jnp.issubdtype(buffer.dtype, jnp.floating) and buffer.dtype.itemsize == 2:
         bits = jax.lax.bitcast_convert_type(buffer, jnp.uint16)
         bits = bits.at[index].set(jax.lax.bitcast_convert_type(values, jnp.uint16), mode="drop")
@@ -168,11 +207,8 @@ def commit_path(cache: KVCache, path: jax.Array, path_length: jax.Array) -> KVCa
         # The state advances over the path's own terms; the convolution inputs move like keys.
         ssm = advance_ssm(ssm, source, path_length.astype(jnp.int32))
         ssm = dataclasses.replace(ssm, conv=move(ssm.conv))
-    return KVCache(
-        keys=move(cache.keys),
-        values=move(cache.values),
-        lengths=cache.lengths + path_length.astype(jnp.int32),
-        ssm=ssm,
+    return dataclasses.replace(
+        cache, keys=move(cache.keys), values=move(cache.values), lengths=cache.lengths + path_length.astype(jnp.int32), ssm=ssm
     )
 
 
