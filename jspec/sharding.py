@@ -187,7 +187,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     kv = NamedSharding(mesh, cache_partition_spec(cache.keys.shape, mesh))
     ssm = None if cache.ssm is None else jax.tree.map(lambda a: NamedSharding(mesh, ssm_partition_spec(a.shape, mesh)), cache.ssm)
     lengths = NamedSharding(mesh, batch_partition_spec(cache.lengths.shape, mesh))
-    return KVCache(keys=kv, values=kv, lengths=lengths, ssm=ssm, dtype=cache.dtype)
+    return KVCache(keys=kv, values=kv, lengths=lengths, ssm=ssm, dtype=cache.dtype, spare=cache.spare)
 
 
 def constrain_cache(cache: KVCache) -> KVCache:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import jspec
 from jspec import decode, sharding
 from jspec.models import ModelConfig, Transformer
+from jspec.models.kv_cache import SPARE_SLOTS
 from jspec.rounds import Autoregressive
 
 MAX_NEW = 16
@@ -151,9 +152,10 @@ def main() -> None:
 
     # The compiled programs are partitioned: each device holds a [L, B/4, S, H_kv/2, D] cache
     # (never the whole [L, 8, S, 2, D] one) and the model axis all-reduces the partial sums.
-    for name in got:  # cache slots as decode sizes them: bucketed prompt and new tokens, one round's slack, 1
+    for name in got:  # cache slots as decode sizes them: bucketed prompt and new tokens, one round's slack, 1,
+        # and the cache's spare slots
         width, budget = decode.bucket_size(prompts.shape[1]), decode.bucket_size(MAX_NEW)
-        s = width + budget + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 1) + 1
+        s = width + budget + (STRATEGIES[name].tokens_scored if name in STRATEGIES else 1) + 1 + SPARE_SLOTS
         with jax.set_mesh(mesh):
             text = compiled_text(name, target, drafter, sharded_prompts, sharded_lengths)
         local, whole = f"f32[2,2,{s},1,16]", f"f32[2,8,{s},2,16]"

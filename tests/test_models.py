@@ -22,7 +22,7 @@ from jspec.models import (
     transformer,
     truncate,
 )
-from jspec.models.kv_cache import to_storage, write_layer
+from jspec.models.kv_cache import from_storage, to_storage, write_layer
 from jspec.models.transformer import matmul_dot_general
 
 from conftest import TINY, causal_logits, forward, random_model
@@ -189,6 +189,33 @@ def test_cache_writes_and_path_commits_are_exact_in_every_dtype(dtype):
     np.testing.assert_array_equal(np.stack([np.asarray(moved.layer(layer)[1]) for layer in range(2)]), expected)
     assert list(np.asarray(moved.lengths)) == [3, 6, 7]
     assert moved.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_writes_past_the_cache_land_in_its_spare_slots_only(dtype):
+    """A cache from `init_cache` has spare slots past its S; a pass over up to that many tokens
+    writes each row with a dynamic_update_slice, which clamps a start that runs past the buffer.
+    Seen through `KVCache.layer`, writes that run past S are dropped and no slot below S other
+    than the written ones changes, whatever the start (past S included)."""
+    config = dataclasses.replace(TINY, dtype=dtype)
+    cache = init_cache(config, 3, 8)
+    assert cache.spare > 0 and cache.size == 8 and cache.keys.shape[2] == 8 + cache.spare
+    rng = np.random.RandomState(5)
+    full = cache.keys.shape[2]
+    old = jnp.asarray(rng.randn(*cache.keys.shape[:2], full, *cache.keys.shape[3:]), dtype)
+    buffer = to_storage(old, dtype)
+    t = min(cache.spare, 4)
+    new = jnp.asarray(rng.randn(3, t, *cache.keys.shape[3:]), dtype)
+    start = jnp.asarray([2, 6, full - 1], jnp.int32)  # row 1 runs past S; row 2 starts past it
+    written = jax.jit(write_layer, static_argnums=(1, 4))(buffer, 1, to_storage(new, dtype), start, cache.spare)
+    view = dataclasses.replace(cache, keys=written).layer(1)[0]
+    expected = np.asarray(old[1, :, :8]).copy()
+    for row, first in enumerate([2, 6, full - 1]):
+        for i in range(t):
+            if first + i < 8:
+                expected[row, first + i] = np.asarray(new)[row, i]
+    np.testing.assert_array_equal(np.asarray(view), expected)
+    np.testing.assert_array_equal(np.asarray(from_storage(written[0], dtype)), np.asarray(old[0]))  # other layers
 
 
 @pytest.mark.parametrize("amx", [False, True])

@@ -192,8 +192,8 @@ class Attention(nnx.Module):
             k = rope(k, positions, inv_freq)
         cache = dataclasses.replace(
             cache,
-            keys=write_layer(cache.keys, layer, to_storage(k, cache.dtype), start),
-            values=write_layer(cache.values, layer, to_storage(v, cache.dtype), start),
+            keys=write_layer(cache.keys, layer, to_storage(k, cache.dtype), start, cache.spare),
+            values=write_layer(cache.values, layer, to_storage(v, cache.dtype), start, cache.spare),
         )
         keys, values = cache.layer(layer)  # [B, S, H_kv, D]
 
