@@ -175,10 +175,10 @@ def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array
     integer bits: XLA's CPU backend scatters bfloat16/float16 by converting the whole buffer to
     float32 and back, integers in place (the bitcasts still copy the buffer: the KV cache avoids
     them by storing bits, `storage_dtype`; this is for the Mamba-2 convolution inputs)."""
-    if jnp.issubdtype(buffer.dtype, jnp.floating) and buffer.dtype.itemsize == 2:
-        bits = jax.lax.bitcast_convert_type(buffer, jnp.uint16)
-        bits = bits.at[index].set(jax.lax.bitcast_convert_type(values, jnp.uint16), mode="drop")
-        return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+    storage = storage_dtype(buffer.dtype)
+    if storage != buffer.dtype:
+        bits = to_storage(buffer, buffer.dtype).at[index].set(to_storage(values, buffer.dtype), mode="drop")
+        return from_storage(bits, buffer.dtype)
     return buffer.at[index].set(values, mode="drop")
 
 
