@@ -238,6 +238,25 @@ def test_bfloat16_products_equal_the_float32_product_at_every_row_count(rows, am
     np.testing.assert_allclose(np.asarray(rounded, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_products_flatten_their_leading_axes_and_pass_other_dimension_numbers_through(dtype):
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.randn(2, 3, 16), dtype)
+    w = jnp.asarray(rng.randn(16, 8), dtype)
+    dense = (((2,), (0,)), ((), ()))
+    got = jax.jit(lambda x, w: matmul_dot_general(x, w, dense, preferred_element_type=jnp.float32))(x, w)
+    want = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), dense)
+    assert got.shape == (2, 3, 8)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # A batched product (attention's) is not a dense layer: computed exactly as lax.dot_general.
+    y = jnp.asarray(rng.randn(2, 16, 5), dtype)
+    batched = (((2,), (1,)), ((0,), (0,)))
+    got = matmul_dot_general(x, y, batched, preferred_element_type=jnp.float32)
+    want = jax.lax.dot_general(x, y, batched, preferred_element_type=jnp.float32)
+    assert got.shape == (2, 3, 5)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_cpu_has_amx_bf16_reads_the_flags_of_cpuinfo(tmp_path):
     amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
     amx.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")

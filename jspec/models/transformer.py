@@ -113,24 +113,37 @@ def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`lax.dot_general` for a dense layer (lhs `[..., d_in]`), around two slow paths of XLA's CPU
-    backend for bfloat16: its fast bfloat16 kernel is for matrices only, so a one-row product is
-    computed as two rows (SmolLM2's output head, one row: 41 ms; two rows: 4.6 ms on a 2-core x86
-    CPU); and without AMX, from `_CPU_BF16_AS_F32_ROWS` rows on its float32 kernel is faster, so
-    such products run in float32 (a bfloat16 result is rounded back). With AMX (`cpu_has_amx_bf16`)
-    bfloat16 stays: a 896 x 576 x 1536 product took 1.2 ms against 4.8 ms in float32 on a 2-core
-    Xeon, and SmolLM2's 896-token prefill 1.0 s against 1.6 s."""
-    rows = int(np.prod(lhs.shape[:-1]))
+    """`lax.dot_general` for a dense layer (lhs `[..., d_in]` contracted on its last axis, no batch
+    axes), as one matrix product `[rows, d_in]`, around slow paths of XLA's CPU backend for bfloat16.
+
+    - The leading axes are flattened first. A `[1, T, d_in]` operand is slower for T >= 2:
+      SmolLM2's passes over 2 / 4 / 8 tokens at 768 cached tokens took 30.3-30.8 / 31.1-31.8 /
+      34.7-35.5 ms, flattened 27.8-29.0 / 29.4-30.4 / 33.3-33.8 (bfloat16, 2-core Xeon; float32
+      unchanged). Every speculative round scores several tokens, plain decoding one.
+    - Its fast bfloat16 kernel is for matrices only, so a one-row product is computed as two rows
+      (SmolLM2's output head, one row: 41 ms; two rows: 4.6 ms on a 2-core x86 CPU).
+    - Without AMX, from `_CPU_BF16_AS_F32_ROWS` rows on its float32 kernel is faster, so such
+      products run in float32 (a bfloat16 result is rounded back). With AMX (`cpu_has_amx_bf16`)
+      bfloat16 stays: a 896 x 576 x 1536 product took 1.2 ms against 4.8 ms in float32 on a 2-core
+      Xeon, and SmolLM2's 896-token prefill 1.0 s against 1.6 s.
+
+    Other dimension numbers go to `lax.dot_general` as they are."""
+    (lhs_contracting, rhs_contracting), batch = dimension_numbers
+    if tuple(lhs_contracting) != (lhs.ndim - 1,) or any(batch):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
+    lead = lhs.shape[:-1]
+    rows = int(np.prod(lead))
+    x = lhs.reshape(rows, lhs.shape[-1])
+    numbers = (((1,), tuple(rhs_contracting)), ((), ()))
     on_cpu_bf16 = lhs.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
     if on_cpu_bf16 and rows == 1:
-        padded = jnp.concatenate([lhs.reshape(1, -1)] * 2)
-        numbers = (((1,), dimension_numbers[0][1]), ((), ()))
-        out = jax.lax.dot_general(padded, rhs, numbers, precision, preferred_element_type, **kwargs)
-        return out[:1].reshape(lhs.shape[:-1] + out.shape[1:])
-    if on_cpu_bf16 and rows >= _CPU_BF16_AS_F32_ROWS and rhs.dtype == jnp.bfloat16 and not cpu_has_amx_bf16():
-        out = jax.lax.dot_general(lhs.astype(jnp.float32), rhs.astype(jnp.float32), dimension_numbers, precision, **kwargs)
-        return out.astype(preferred_element_type or jnp.bfloat16)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
+        out = jax.lax.dot_general(jnp.concatenate([x, x]), rhs, numbers, precision, preferred_element_type, **kwargs)[:1]
+    elif on_cpu_bf16 and rows >= _CPU_BF16_AS_F32_ROWS and rhs.dtype == jnp.bfloat16 and not cpu_has_amx_bf16():
+        out = jax.lax.dot_general(x.astype(jnp.float32), rhs.astype(jnp.float32), numbers, precision, **kwargs)
+        out = out.astype(preferred_element_type or jnp.bfloat16)
+    else:
+        out = jax.lax.dot_general(x, rhs, numbers, precision, preferred_element_type, **kwargs)
+    return out.reshape(lead + out.shape[1:])
 
 
 def _norm(config: ModelConfig, features: int, rngs: nnx.Rngs) -> nnx.Module:
