@@ -36,7 +36,6 @@ its children are chosen.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -106,16 +105,29 @@ def score_tree(
     tree = drafted.tree
     positions = cache.lengths[:, None] + tree.depth
 
-    def score(s: int):
+    def score(s: int, cache: KVCache):
         out = target(tree.tokens[:, :s], positions[:, :s], drafted.ancestors[:, :s, :s], cache, features=feature_layers)
         pad = lambda x: jnp.pad(x, [(0, 0), (0, tree.size - s)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
         return pad(out[0]), out[1], (pad(out[2]) if feature_layers else None)
 
     if sizes is None or len(sizes) == 1:
-        return score(tree.size)
+        return score(tree.size, cache)
     needed = jnp.max(jnp.where(tree.valid, jnp.arange(tree.size) + 1, 1))  # every row's last valid node
     branch = jnp.searchsorted(jnp.asarray(sizes), needed)
-    return jax.lax.switch(branch, [functools.partial(score, s) for s in sizes])
+    # One while_loop per size, run once by the chosen size and skipped by the others, instead of a
+    # `lax.switch`: XLA updates a loop's carried cache in place, where it copied the whole cache
+    # into and out of a conditional's branches (four copies per round).
+    result = jax.eval_shape(lambda: score(tree.size, cache))
+    logits, features = (None if x is None else jnp.zeros(x.shape, x.dtype) for x in (result[0], result[2]))
+    for i, s in enumerate(sizes):
+
+        def once(carry, s=s):
+            _, cache, _, _ = carry
+            logits, cache, features = score(s, cache)
+            return jnp.zeros((), bool), cache, logits, features
+
+        _, cache, logits, features = jax.lax.while_loop(lambda carry: carry[0], once, (branch == i, cache, logits, features))
+    return logits, cache, features
 
 
 def commit_round(
@@ -132,7 +144,10 @@ def commit_round(
     Returns the new carry, the emitted tokens `[B, width]` and how many each row emitted."""
     tree = drafted.tree
     path, path_length = tree_path(tree, verdict.node, drafted.ancestors)  # root first; length = accepted + 1
-    target_cache = commit_path(target_cache, path, jnp.where(active, path_length, 0))
+    kept = jnp.where(active, path_length, 0)
+    # A chain's accepted prefix already sits at the slots it is committed to: moving it with
+    # `commit_path` (a gather and a scatter) made XLA copy the whole cache twice per round.
+    target_cache = commit(target_cache, kept, tree.size) if drafted.chain else commit_path(target_cache, path, kept)
     path = path[:, :width]
     tokens = jnp.take_along_axis(tree.tokens, path, axis=1)
     if features is not None:

@@ -3,6 +3,9 @@ model to fall back on, on ragged prompts with and without repeats; the target's 
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 from test_decode import first3_pvalue, unrelated_small_pair
@@ -66,3 +69,40 @@ def test_the_first_three_tokens_follow_the_target_s_law_at_t1(with_model):
     target, drafter = unrelated_small_pair()
     strategy = jspec.PromptLookup(k=2, stop=ConfidenceStop(0.3) if with_model else ConfidenceStop(0.5))
     assert first3_pvalue(strategy, pair=(target, drafter if with_model else None)) > 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConfidenceStopLookalike:
+    """ConfidenceStop(0.5) under another type: PromptLookup then drafts through the drafter
+    protocol (per-node logits and the stop's features) instead of the lookup alone."""
+
+    threshold: float = 0.5
+
+    def continue_probability(self, features):
+        return ConfidenceStop(self.threshold).continue_probability(features)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafting_by_the_lookup_alone_runs_the_rounds_the_drafter_protocol_runs(target, temperature):
+    lean = jspec.PromptLookup(k=3)
+    assert lean.cuts_where_nothing_matches(lean.lookup_drafter(target, None))
+    general = jspec.PromptLookup(k=3, stop=_ConfidenceStopLookalike())
+    assert not general.cuts_where_nothing_matches(general.lookup_drafter(target, None))
+    sampling = jspec.Sampling(temperature=temperature)
+    outs = [
+        jspec.speculative_generate(
+            target,
+            None,
+            REPEATING_PROMPTS,
+            prompt_lengths=RAGGED_LENGTHS,
+            max_new_tokens=24,
+            strategy=strategy,
+            sampling=sampling,
+            rng=jax.random.key(3),
+        )  # fmt: skip
+        for strategy in (lean, general)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_array_equal(np.asarray(outs[0].stats.emitted_per_round), np.asarray(outs[1].stats.emitted_per_round))
+    if temperature == 0:  # the greedy target continues the repeats: drafts were accepted
+        assert float(outs[0].stats.mean_accepted) > 1.3

@@ -217,4 +217,4 @@ def draft_chain(
     depth = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), (b, k + 1))
     valid = jnp.concatenate([jnp.ones((b, 1), bool), valid[:, None], valids.T], axis=1)
     tree = Tree(tokens.astype(jnp.int32), parent, depth, valid)
-    return DraftedTree(tree, causal_mask(b, k + 1), probs, state, parent)
+    return DraftedTree(tree, causal_mask(b, k + 1), probs, state, parent, chain=True)

@@ -382,7 +382,7 @@ def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTre
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(last)
     index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     tree = Tree(tokens, index - 1, index, index == 0)
-    return DraftedTree(tree, causal_mask(b, n), jnp.zeros((b, n, vocab_size), jnp.float32), state, index - 1)
+    return DraftedTree(tree, causal_mask(b, n), jnp.zeros((b, n, vocab_size), jnp.float32), state, index - 1, chain=True)
 
 
 @dataclasses.dataclass(frozen=True)

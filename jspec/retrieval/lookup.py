@@ -179,6 +179,22 @@ class LookupDrafter:
         logits, _ = self._propose(history, end, tail, fallback)
         return logits[:, 0], context, dataclasses.replace(state, inner=inner)
 
+    def propose_chain(self, state: LookupState, last: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """The chain of k proposals after the row's sequence and `last [B]`, each continuing the
+        one before (the proposal `extend` gives a node whose root path is the chain so far), with
+        no logits: int32 `[B, k]` tokens and bool `[B, k]` found (a token where nothing matched
+        is arbitrary)."""
+        history, end = dataclasses.replace(state, root=last.astype(jnp.int32)).sequence()
+        tail = tail_tokens(history, end, max(self.ngram_sizes))  # [B, n]
+        tokens, found = [], []
+        for _ in range(k):
+            position, _, hit = latest_match(history, end, tail[:, None, :], self.ngram_sizes)
+            token = jnp.take_along_axis(history, position, axis=1)  # [B, 1]
+            tokens.append(token[:, 0])
+            found.append(hit[:, 0])
+            tail = jnp.concatenate([tail[:, 1:], token], axis=1)
+        return jnp.stack(tokens, axis=1), jnp.stack(found, axis=1)
+
     def extend(self, state: LookupState, tokens, context, depth, mask, write_at):
         b, m = tokens.shape
         window = jax.lax.dynamic_update_slice(state.window, tokens.astype(jnp.int32), (0, write_at))

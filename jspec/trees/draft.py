@@ -36,7 +36,9 @@ class DraftedTree:
     tree: the `Tree` the target scores (`[B, N]`); ancestors: bool `[B, N, N]`, its ancestor mask
     (invalid nodes see only themselves); draft_probs: `[B, N, V]`, the distribution each node's
     children were drawn from; state: the drafter's state after drafting; slot: int32 `[B, N]`,
-    where node i's drafter entry lies in the uncommitted window (-1 for the root).
+    where node i's drafter entry lies in the uncommitted window (-1 for the root); chain (static):
+    whether node i is always the child of node i - 1 (a path), so that an accepted prefix already
+    lies where it is committed and the target's cache needs no move (`jspec.rounds.commit_round`).
     """
 
     tree: Tree
@@ -44,6 +46,7 @@ class DraftedTree:
     draft_probs: jax.Array
     state: Any
     slot: jax.Array
+    chain: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
