@@ -99,9 +99,9 @@ def score_tree(
 
     sizes: for a tree whose valid nodes may end early (a chain cut by a stop rule, an adaptive
     length), the allowed prefix lengths (ascending, the last N): the pass scores only the shortest
-    prefix holding every row's valid nodes, chosen at run time among static branches (`lax.switch`:
-    one program, no recompilation). Nodes past it get zero logits and features, which no verifier
-    reads (they are invalid)."""
+    prefix holding every row's valid nodes, chosen at run time among static sizes (one program, no
+    recompilation). Nodes past it get zero logits and features, which no verifier reads (they are
+    invalid)."""
     tree = drafted.tree
     positions = cache.lengths[:, None] + tree.depth
 
