@@ -650,7 +650,7 @@ def _run_drafter(target, drafter, name, batches, calibration, chains, costs_for,
     """`run_methods` for one drafter; AR runs once per temperature (`ar_runs` keeps it for the next drafters)."""
     context = {**context, "drafter": name}
     rng = jax.random.key(args.seed)
-    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    typical = typical_prompts(batches)
     sizes = [m.nodes for m in chains] + list(args.node_budgets if context["trees"] else [])
     # Costs are measured after the median prompt, with the decode loop's cache size for the largest
     # round (bucketed as decoding buckets it), so attention spans as many slots as in decoding.
@@ -707,6 +707,11 @@ def _run_drafter(target, drafter, name, batches, calibration, chains, costs_for,
             # methods pass Linux's 65,530 maps per process and compilation aborts.
             jax.clear_caches()
     return records
+
+
+def typical_prompts(batches: list[Batch]) -> jax.Array:
+    """The prompts `[B, P]` of the batch of median width: the shape the pass costs are measured at."""
+    return sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
 
 
 def first_per_category(batches: list[Batch], n: int) -> list[Batch]:

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 
 import jspec
-from infer.bench import jsonl_batches, machine
+from infer.bench import jsonl_batches, machine, typical_prompts
 from infer.models import add_model_arguments, models_from_args
+from infer.retrieval_bench import target_eos
 from infer.spec_bench import default_spec_bench
 from infer.timing import forward_seconds
 from jspec.decode import bucket_size
@@ -105,15 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("needs --prompts-jsonl (Spec-Bench's question.jsonl; or set $JSPEC_SPEC_BENCH)")
     args.batch_size = 1
     batches, prompts_description = jsonl_batches(parser, args, target.config.vocab_size)
-    from infer.retrieval_bench import target_eos
-
     common = dict(max_new_tokens=args.max_new_tokens, sampling=jspec.Sampling(), eos_id=target_eos(args))
     texts = []
     for batch in batches:
         out = jspec.generate(target, batch.prompts, prompt_lengths=batch.lengths, **common)
         length = int(batch.lengths[0])
         texts.append((batch.category, np.asarray(batch.prompts[0, :length]), np.asarray(out.tokens[0, : int(out.lengths[0])])))
-    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    typical = typical_prompts(batches)
     cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + 32
     costs = {n: forward_seconds(target, typical, cache_size, n, passes=16, runs=5) for n in range(1, max(args.ks) + 2)}
     print("pass costs (ms): " + ", ".join(f"t({n}) {t * 1e3:.2f}" for n, t in costs.items()), flush=True)
@@ -128,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for category in dict.fromkeys(c for c, _, _ in texts):
         rows = {}
+        tokens = sum(len(o) - 1 for c, _, o in texts if c == category)
         for k in args.ks:
             rounds = [r for c, p, o in texts if c == category for r in prompt_lookup_rounds(p, o, k, tuple(args.ngram_sizes))]
-            tokens = sum(len(o) - 1 for c, _, o in texts if c == category)
             rows[str(k)] = ceiling(rounds, tokens, costs.__getitem__)
             print(f"{category} k={k}: tau {rows[str(k)]['tau']:.2f}, bound {rows[str(k)]['speedup_bound']:.2f}x", flush=True)
         result["by_category"][category] = rows

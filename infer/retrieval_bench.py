@@ -53,6 +53,7 @@ from infer.bench import (
     machine,
     measure_interleaved,
     total,
+    typical_prompts,
 )
 from infer.models import add_model_arguments, models_from_args
 from infer.spec_bench import default_spec_bench
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         retrieval = Retrieval(datastore)
         print(f"datastore: {args.datastore}, {datastore.corpus.shape[0]} tokens")
     eos_id = target_eos(args)
-    typical = sorted(batches, key=lambda b: b.prompts.shape[1])[len(batches) // 2].prompts
+    typical = typical_prompts(batches)
     cache_size = bucket_size(typical.shape[1]) + bucket_size(args.max_new_tokens) + 32
     costs = {f"t_target_{n}": forward_seconds(target, typical, cache_size, n, passes=16, runs=5) for n in (1, 2, 3, 4, 5, 8, 10)}
     costs["t_draft"] = forward_seconds(drafter, typical, cache_size, 1, passes=16, runs=5)

@@ -213,8 +213,15 @@ def draft_chain(
     (state, _, _, _, _), (xs, qs, valids) = jax.lax.scan(step, (state, x, context, valid, log_path), jnp.arange(1, k))
     tokens = jnp.concatenate([last[:, None], x[:, None], xs.T], axis=1)
     probs = jnp.concatenate([q[:, None], jnp.swapaxes(qs, 0, 1), jnp.zeros_like(q)[:, None]], axis=1)
-    parent = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32) - 1, (b, k + 1))
-    depth = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), (b, k + 1))
     valid = jnp.concatenate([jnp.ones((b, 1), bool), valid[:, None], valids.T], axis=1)
-    tree = Tree(tokens.astype(jnp.int32), parent, depth, valid)
-    return DraftedTree(tree, causal_mask(b, k + 1), probs, state, parent, chain=True)
+    return drafted_chain(tokens, valid, probs, state)
+
+
+def drafted_chain(tokens: jax.Array, valid: jax.Array, probs: jax.Array, state) -> DraftedTree:
+    """The `DraftedTree` of a path: tokens `[B, N]` (node 0 the root, node i at depth i and
+    drafter window slot i - 1), valid bool `[B, N]`, draft_probs `[B, N, V]` and the drafter's
+    state; a causal ancestor mask, committed without a move (`DraftedTree.chain`)."""
+    b, n = tokens.shape
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    tree = Tree(tokens.astype(jnp.int32), index - 1, index, valid)
+    return DraftedTree(tree, causal_mask(b, n), probs, state, index - 1, chain=True)

@@ -27,13 +27,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jspec.methods.chain import Chain
+from jspec.methods.chain import Chain, drafted_chain
 from jspec.methods.early_stop import ConfidenceStop
-from jspec.models import causal_mask
 from jspec.retrieval.lookup import LookupDrafter, LookupRounds, as_lookup_drafter, check_ngram_sizes
 from jspec.sampling import Sampling
 from jspec.trees.draft import DraftedTree
-from jspec.trees.tree import Tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +69,11 @@ class PromptLookup(LookupRounds, Chain):
         alone: node i + 1 valid while every proposal up to it was found, and its q one-hot."""
         if not self.cuts_where_nothing_matches(drafter):
             return super().draft(drafter, state, last, sampling, key)
-        b, n = last.shape[0], self.k + 1
+        b = last.shape[0]
         proposals, found = drafter.propose_chain(state, last, self.k)  # [B, k]
         tokens = jnp.concatenate([last[:, None].astype(jnp.int32), proposals], axis=1)
         valid = jnp.concatenate([jnp.ones((b, 1), bool), jnp.cumprod(found, axis=1).astype(bool)], axis=1)
-        parent = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) - 1, (b, n))
-        depth = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         # Node i's children were drawn from the one-hot on proposal i + 1 (the leaf has none).
         q = jax.nn.one_hot(proposals, drafter.vocab_size, dtype=jnp.float32)
         probs = jnp.concatenate([q, jnp.zeros((b, 1, drafter.vocab_size), jnp.float32)], axis=1)
-        return DraftedTree(Tree(tokens, parent, depth, valid), causal_mask(b, n), probs, state, parent, chain=True)
+        return drafted_chain(tokens, valid, probs, state)

@@ -47,11 +47,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jspec.methods.chain import draft_chain, verify_cut_chain
-from jspec.models import causal_mask
+from jspec.methods.chain import draft_chain, drafted_chain, verify_cut_chain
 from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
 from jspec.trees.draft import DraftedTree
-from jspec.trees.tree import Tree
 from jspec.validation import check_int
 
 
@@ -380,9 +378,8 @@ def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTre
     """A chain of k_max slots with only the root `last [B]` valid: what a k = 0 round scores."""
     b, n = last.shape[0], k_max + 1
     tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(last)
-    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    tree = Tree(tokens, index - 1, index, index == 0)
-    return DraftedTree(tree, causal_mask(b, n), jnp.zeros((b, n, vocab_size), jnp.float32), state, index - 1, chain=True)
+    valid = jnp.broadcast_to(jnp.arange(n) == 0, (b, n))
+    return drafted_chain(tokens, valid, jnp.zeros((b, n, vocab_size), jnp.float32), state)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,10 +158,16 @@ class LookupDrafter:
         zeros = jnp.zeros((b,), jnp.int32)
         return LookupState(history, prefill.lengths.astype(jnp.int32), zeros, jnp.zeros((b, size), jnp.int32), inner)
 
-    def _propose(self, history, end, tail, fallback):
-        """Logits `[B, M, V]` and the proposals found `[B, M]` for the M sequences ending in `tail [B, M, T]`."""
+    def _proposal(self, history, end, tail) -> tuple[jax.Array, jax.Array]:
+        """The proposed tokens int32 `[B, M]` (arbitrary where none) and whether one was found,
+        bool `[B, M]`, for the M sequences ending in `tail [B, M, T]`."""
         position, _, found = latest_match(history, end, tail, self.ngram_sizes)
         token = jnp.take_along_axis(history, position.reshape(position.shape[0], -1), axis=1).reshape(position.shape)
+        return token, found
+
+    def _propose(self, history, end, tail, fallback):
+        """Logits `[B, M, V]` and the proposals found `[B, M]` for the M sequences ending in `tail [B, M, T]`."""
+        token, found = self._proposal(history, end, tail)
         return jnp.where(found[..., None], one_hot_logits(token, self.vocab_size), fallback), found
 
     def _inner_or_uniform(self, shape, logits):
@@ -188,8 +194,7 @@ class LookupDrafter:
         tail = tail_tokens(history, end, max(self.ngram_sizes))  # [B, n]
         tokens, found = [], []
         for _ in range(k):
-            position, _, hit = latest_match(history, end, tail[:, None, :], self.ngram_sizes)
-            token = jnp.take_along_axis(history, position, axis=1)  # [B, 1]
+            token, hit = self._proposal(history, end, tail[:, None, :])  # [B, 1]
             tokens.append(token[:, 0])
             found.append(hit[:, 0])
             tail = jnp.concatenate([tail[:, 1:], token], axis=1)
