@@ -42,10 +42,10 @@ from jspec.analysis import alpha_from_tau, expected_tau
 from jspec.serve import Engine, alternating_passes, calibrate_smartspec
 
 
-def smartspec_strategy(k_max: int) -> jspec.SmartSpec:
+def smartspec_strategy(k_max: int, prior: float) -> jspec.SmartSpec:
     """SmartSpec up to k_max drafts, its cost model to be measured on the engine that serves it
     (`jspec.serve.calibrate_smartspec`; the flat placeholder is never used for serving)."""
-    return jspec.SmartSpec(k_max=k_max, t_target=(1.0,) * (k_max + 1))
+    return jspec.SmartSpec(k_max=k_max, t_target=(1.0,) * (k_max + 1), prior=prior)
 
 
 def percentiles(values: list[float]) -> dict:
@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=["ar", "chain", "smartspec"], choices=["ar", "chain", "smartspec"])
     parser.add_argument("--k", type=int, default=2, help="the fixed chain's k (default: 2, SmolLM2's best chain)")
     parser.add_argument("--k-max", type=int, default=3, help="SmartSpec's longest chain (default: 3)")
+    parser.add_argument(
+        "--prior",
+        type=float,
+        default=0.28,
+        help="SmartSpec's acceptance before it has drafted (default: 0.28, the SmolLM2 drafter's measured first-draft "
+        "acceptance on Spec-Bench, jspec.methods.adaptive; the library's default is 0.5)",
+    )
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends (default: 2)")
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (default: 64)")
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         strategies = {
             "ar": (None, jspec.Autoregressive()),
             "chain": (drafter, jspec.Chain(k=args.k)),
-            "smartspec": (drafter, smartspec_strategy(args.k_max)),
+            "smartspec": (drafter, smartspec_strategy(args.k_max, args.prior)),
         }
         reference = None
         for run, method in alternating_passes(args.methods, args.passes):

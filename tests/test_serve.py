@@ -200,6 +200,8 @@ def test_calibration_measures_each_k_and_sets_the_cost_model(models):
     carry = engine.state.carry
     np.testing.assert_allclose(np.asarray(carry.round_seconds), seconds, rtol=1e-6)
     assert int(carry.forced_k) == -1 and not np.asarray(engine.strategy_stats()).any()  # calibration rounds not counted
+    for counts in (carry.accepted, carry.tried, carry.batch_accepted, carry.batch_tried):  # nor what they accepted
+        assert not np.asarray(counts).any()
     assert engine.idle and engine.completions == {}
     engine.update_strategy_state(with_forced_k, 2)
     engine.submit([1, 2, 3], max_new_tokens=9)

@@ -60,7 +60,7 @@ def test_k_is_the_goodput_argmax_of_the_cost_model():
 
 
 def test_a_new_row_starts_at_the_batch_s_estimate_and_plain_rounds_relax_toward_it():
-    s = jspec.SmartSpec.from_costs(**CHEAP, prior=0.5, decay=0.5, relax=0.5)
+    s = jspec.SmartSpec.from_costs(**CHEAP, prior=0.5, decay=0.5, relax=0.5, batch_decay=0.25)
     zeros, zero = jnp.zeros((2,)), jnp.zeros(())
     pending = (jnp.zeros((2, s.lag), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.zeros((s.k_max + 1,), jnp.int32), zeros > 0)
     root = RoundCarry(None, None, jnp.zeros((2,), jnp.int32))
@@ -71,9 +71,10 @@ def test_a_new_row_starts_at_the_batch_s_estimate_and_plain_rounds_relax_toward_
     carry = s._observe(carry, carry.round, 2, jnp.asarray([2, 0]), jnp.asarray([True, False]))
     np.testing.assert_allclose(s.acceptance(carry), [0.875, 0.75])
     assert int(carry.n_pending.sum()) == 0
-    # A plain round halves every count (relax 0.5): the batch's (1 + 1) / (1 + 2), row 0's (1 + 4/3) / 3.
+    # A plain round halves a row's counts (relax 0.5) and quarters the batch's (batch_decay 0.25):
+    # the batch's (0.5 + 1) / (0.5 + 2), row 0's (1 + 2 * 0.6) / (1 + 2).
     carry = s._observe(carry, carry.round, 0, jnp.zeros((2,), jnp.int32), jnp.asarray([True, True]))
-    np.testing.assert_allclose(s.acceptance(carry), [7 / 9, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(s.acceptance(carry), [2.2 / 3, 0.6], rtol=1e-6)
     assert carry.n_pending.tolist() == [1, 1] and carry.rounds_per_k.tolist() == [1, 0, 1, 0, 0]
 
 
@@ -139,6 +140,8 @@ def test_arguments_are_checked():
         jspec.SmartSpec.from_costs(-0.1, [1.0, 1.1])
     with pytest.raises(ValueError, match="relax"):
         jspec.SmartSpec.from_costs(**CHEAP, relax=2.0)
+    with pytest.raises(ValueError, match="batch_decay"):
+        jspec.SmartSpec.from_costs(**CHEAP, batch_decay=-0.1)
     with pytest.raises(ValueError, match="lag"):
         jspec.SmartSpec.from_costs(**CHEAP, lag=0)
 

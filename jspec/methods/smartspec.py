@@ -32,9 +32,13 @@ choice made it 1.4 plain rounds: XLA copied the caches through the conds; SmolLM
 The acceptance estimate is SmartSpec's: exponentially decayed counts of accepted and tried drafts
 per row (as `AdaptiveK`).
 A new request's estimate starts at the batch's (decayed counts over every row, after `prior`).
-A k = 0 round observes no acceptance, so there every count shrinks (weight `relax`): a row's
-estimate relaxes toward the batch's, the batch's toward the prior, and once speculation would pay
-again at that estimate, the batch probes it.
+The batch's counts have a long memory (`batch_decay`, applied every round): a row's estimate
+follows its request (`decay`), the batch's what the drafter accepts over many requests. A k = 0
+round observes no acceptance, so there a row's counts shrink (weight `relax`) and its estimate
+relaxes toward the batch's, while the batch's keep decaying toward the prior, so the batch probes
+speculation again, once it would pay at the prior, only after a few hundred plain rounds. A probe
+is dear in a serving engine (every row whose drafter fell behind is restarted from its sequence),
+and a short memory let a few poor requests hold a light load at k = 0 (SmolLM2, 2 slots, CPU).
 
 Lossless: k depends only on earlier rounds (never on this round's draws), a drafting round is a
 chain verified by speculative sampling (the chain walk), and a k = 0 round samples the target.
@@ -87,18 +91,20 @@ class SmartSpec(SpeculativeStrategy):
     `infer.serve_bench` measures them). decay: the weight of the past in the acceptance counts;
     prior: the acceptance assumed before the first drafting round (worth 2 drafts tried; a new
     request starts at the batch's estimate); lag: the k = 0 rounds a row's drafter may fall behind
-    before it catches up; relax: the weight a k = 0 round keeps of the acceptance counts (module
-    doc). Needs a language-model
+    before it catches up; decay and batch_decay: the weight a round keeps of a row's acceptance
+    counts (a drafting round; a k = 0 round keeps `relax` of them) and of the batch's (every
+    round; module doc). Needs a language-model
     drafter (one with `absorb`).
     """
 
     k_max: int = 4
     t_target: tuple[float, ...] = ()
     t_draft: float = 0.0
-    decay: float = 0.85
+    decay: float = 0.95
     prior: float = 0.5
     lag: int = 16
     relax: float = 0.95
+    batch_decay: float = 0.99
 
     def __post_init__(self):
         check_int("k_max", self.k_max, 1)
@@ -112,7 +118,7 @@ class SmartSpec(SpeculativeStrategy):
             )
         if isinstance(self.t_draft, bool) or not isinstance(self.t_draft, (int, float)) or not self.t_draft >= 0:
             raise ValueError(f"t_draft must be a number of seconds >= 0, got {self.t_draft!r}")
-        for name in ("decay", "prior", "relax"):
+        for name in ("decay", "prior", "relax", "batch_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -314,7 +320,7 @@ class SmartSpec(SpeculativeStrategy):
     def _observe(self, carry: SmartSpecCarry, inner: RoundCarry, k, accepted: jax.Array, active) -> SmartSpecCarry:
         """The carry after a round at k (int or int32 `[]`) in which the active rows accepted
         `accepted [B]` drafts: counts updated (a k = 0 round observes nothing: it shrinks each row's
-        counts, so its estimate relaxes toward the batch's) and a k = 0 round's roots buffered for
+        counts, so its estimate relaxes toward the batch's; the batch's decay every round) and a k = 0 round's roots buffered for
         the drafter."""
         drafting = k > 0
         plain_rows = active & jnp.asarray(k == 0)
@@ -324,7 +330,7 @@ class SmartSpec(SpeculativeStrategy):
         accepted = jnp.where(active, accepted, 0).astype(jnp.float32)
         tried = jnp.where(active, jnp.where(accepted < k, accepted + 1, k), 0).astype(jnp.float32)
         row = lambda old, new: jnp.where(drafting, jnp.where(active, self.decay * old + new, old), self.relax * old)  # noqa: E731
-        batch = lambda old, new: jnp.where(drafting, self.decay * old + jnp.sum(new), self.relax * old)  # noqa: E731
+        batch = lambda old, new: self.batch_decay * old + jnp.where(drafting, jnp.sum(new), 0.0)  # noqa: E731
         return dataclasses.replace(
             carry, round=inner, pending=pending, n_pending=carry.n_pending + plain_rows.astype(jnp.int32),
             accepted=row(carry.accepted, accepted), tried=row(carry.tried, tried),
