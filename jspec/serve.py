@@ -642,14 +642,10 @@ def _calibrated(carry, seconds):
     """The SmartSpec carry choosing k by goodput on the measured `seconds` per round, the
     calibration's rounds not counted, nor what its dummy prompts accepted: the acceptance
     estimates start again from the prior (else a long batch memory serves on a made-up rate)."""
-    from jspec.methods.smartspec import with_forced_k, with_round_seconds
+    from jspec.methods.smartspec import with_forced_k, with_round_seconds, without_acceptance
 
-    carry = with_forced_k(with_round_seconds(carry, seconds), -1)
-    zero = lambda x: jnp.zeros_like(x)  # noqa: E731
-    return dataclasses.replace(
-        carry, rounds_per_k=zero(carry.rounds_per_k), accepted=zero(carry.accepted), tried=zero(carry.tried),
-        batch_accepted=zero(carry.batch_accepted), batch_tried=zero(carry.batch_tried),
-    )  # fmt: skip
+    carry = without_acceptance(with_forced_k(with_round_seconds(carry, seconds), -1))
+    return dataclasses.replace(carry, rounds_per_k=jnp.zeros_like(carry.rounds_per_k))
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))

@@ -62,9 +62,8 @@ class AdaptiveK(SpeculativeStrategy):
 
     t_draft: seconds of one drafter step; t_target: seconds of a target pass over 1, 2, ..,
     k_max + 1 tokens (build both with `AdaptiveK.from_costs`); decay: the weight of the past in the
-    running counts (SmartSpec's paper uses 0.85); prior: the acceptance assumed before any round (worth 2
-    drafts tried, for each rate). Verified by the chain walk (speculative sampling at T > 0, greedy
-    at T = 0).
+    running counts; prior: the acceptance assumed before any round (worth 2 drafts tried, for each
+    rate). Verified by the chain walk (speculative sampling at T > 0, greedy at T = 0).
     """
 
     t_draft: float = 0.0

@@ -320,8 +320,8 @@ class SmartSpec(SpeculativeStrategy):
     def _observe(self, carry: SmartSpecCarry, inner: RoundCarry, k, accepted: jax.Array, active) -> SmartSpecCarry:
         """The carry after a round at k (int or int32 `[]`) in which the active rows accepted
         `accepted [B]` drafts: counts updated (a k = 0 round observes nothing: it shrinks each row's
-        counts, so its estimate relaxes toward the batch's; the batch's decay every round) and a k = 0 round's roots buffered for
-        the drafter."""
+        counts, so its estimate relaxes toward the batch's; the batch's decay every round) and a
+        k = 0 round's roots buffered for the drafter."""
         drafting = k > 0
         plain_rows = active & jnp.asarray(k == 0)
         b = active.shape[0]
@@ -402,6 +402,16 @@ class CommitWhen:
 def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
     """The carry with the cost model replaced by measured seconds per round at k = 0 .. k_max."""
     return dataclasses.replace(carry, round_seconds=jnp.asarray(seconds, jnp.float32).reshape(carry.round_seconds.shape))
+
+
+def without_acceptance(carry: SmartSpecCarry) -> SmartSpecCarry:
+    """The carry with every acceptance count (each row's and the batch's) cleared: the estimates
+    start again from the prior (after rounds that were not real traffic, e.g. a calibration)."""
+    zero = jnp.zeros_like
+    return dataclasses.replace(
+        carry, accepted=zero(carry.accepted), tried=zero(carry.tried),
+        batch_accepted=zero(carry.batch_accepted), batch_tried=zero(carry.batch_tried),
+    )  # fmt: skip
 
 
 def with_forced_k(carry: SmartSpecCarry, k) -> SmartSpecCarry:
