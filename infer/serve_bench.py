@@ -15,7 +15,8 @@ rounds at each k, and the throughput over AR the cost model predicts from the me
 tau (`predicted_speedup`).
 
 SmartSpec's cost model is measured on the engine that serves it, at its batch size, before the run
-(`jspec.serve.calibrate_smartspec`): whole rounds at each forced k = 0 .. k_max, every slot busy.
+(`jspec.serve.calibrate_smartspec`): whole rounds at each forced k = 0 .. k_max, every slot busy;
+while it serves, each step's timing moves the cost at that step's k (`SmartSpec.cost_memory`).
 
 A machine whose speed drifts within minutes favours whichever method runs when it is fast. With
 `--passes 2` or more each concurrency runs the methods again, every other pass in reverse order
@@ -97,10 +98,12 @@ def closed_loop(engine: Engine, prompts: list[list[int]], *, clients: int, per_c
     }
 
 
-def warm_up(engine: Engine, prompts: list[list[int]], eos_id) -> None:
-    """Compile outside the timing: every admission width and the step (`Engine.warm_up`), then a
-    full batch of real prompts."""
-    engine.warm_up(widths={engine.prompt_width(len(p)) for p in prompts})
+def warm_up(engine: Engine, prompts: list[list[int]], eos_id, max_new_tokens: int) -> None:
+    """Compile outside the timing: every width an admission or a drafter restart can take (a
+    SmartSpec row restarted mid-request restarts on its prompt and output, wider than any prompt)
+    and the step (`Engine.warm_up`), then a full batch of real prompts."""
+    lengths = range(min(map(len, prompts)), max(map(len, prompts)) + max_new_tokens)
+    engine.warm_up(widths={engine.prompt_width(n) for n in lengths})
     for p in prompts[: engine.slots]:
         engine.submit(p, max_new_tokens=2, eos_id=eos_id)
     engine.run()
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for run, method in alternating_passes(args.methods, args.passes):
             engine_drafter, strategy = strategies[method]
             engine = Engine(target, engine_drafter, strategy, slots=c, max_len=args.max_len, rounds_per_step=args.rounds_per_step)
-            warm_up(engine, prompts, eos_id)
+            warm_up(engine, prompts, eos_id, args.max_new_tokens)
             record = {"method": method, "concurrency": c, "slots": c, "pass": run}
             if method == "smartspec":
                 seconds = calibrate_smartspec(engine)

@@ -13,7 +13,9 @@ The decode loop (`jspec.decode`) knows a strategy only through this protocol:
 A strategy may also choose its draft length per serving step (`jspec.serve`, SmartSpec). It then
 brings all of `STEP_API` (`jspec.serve`): `k_max`, `at_k(k)`, a strategy sharing its carry whose
 every round runs at the static k (`needs_drafter` False at k = 0),
-`prepare_step(drafter, carry, active, rounds) -> (carry, k, restart [B])`, `init_without_drafter`
+`prepare_step(drafter, carry, active, rounds) -> (carry, k, restart [B])`,
+`observe_round_seconds(carry, k, seconds) -> carry` (what the last step's rounds took each, as
+timed by the engine; k < 0: nothing to take in), `init_without_drafter`
 (as `init`, with no drafter pass), `restart_drafter(drafter, carry, row, tokens [1, W], length [1])
 -> carry`, and `without_drafter(carry) -> (carry, drafter state)` with its inverse
 `with_drafter(carry, state)`. A serving engine then admits requests without running the drafter,

@@ -17,7 +17,9 @@ Any strategy whose state has one row per request serves: Chain, trees, `Adaptive
 (one k for the batch, 0 included, by goodput: the point of serving with speculation), and
 `jspec.rounds.Autoregressive` (plain decoding, no drafter). A strategy with `at_k` and `prepare_step`
 (SmartSpec) has k chosen between steps (`prepare_step`, a program of its own) and each step runs
-the program at that k: k_max + 1 step programs, no cond on k in a round. Such a strategy's rows are
+the program at that k: k_max + 1 step programs, no cond on k in a round; the engine times each
+step and hands its seconds per round to the next `prepare_step` (`observe_round_seconds`: the cost
+model follows what steps really take). Such a strategy's rows are
 admitted without a drafter pass, and a row's drafter, left behind by plain steps, is restarted from
 the row's tokens (host-side, one program per width) only before a step that drafts: an engine that
 keeps choosing k = 0 does plain decoding's work. Strategies whose state depends on the prompt's
@@ -214,14 +216,21 @@ def _step(target_graph, target_state, drafter_graph, drafter_state, state: SlotS
     return state, buffer, count
 
 
+_NOT_OBSERVED = (np.int32(-1), np.float32(0.0))  # no step's cost to take in (`_prepare_step`)
+
+
 @functools.partial(jax.jit, static_argnames=("drafter_graph", "strategy", "rounds_per_step"), donate_argnums=(2,))
-def _prepare_step(drafter_graph, drafter_state, state: SlotState, cancel, *, strategy, rounds_per_step):
+def _prepare_step(
+    drafter_graph, drafter_state, state: SlotState, cancel, observed_k, observed_seconds, *, strategy, rounds_per_step
+):
     """For a strategy choosing per step: the state ready for the next step, its k (int32 `[]`) and
-    the rows whose drafter to restart first, from the rows that run it (not done, not cancelled).
-    It takes the drafter alone: passing the target's hundreds of weight arrays to a jitted call
-    costs milliseconds of the host's time per step."""
+    the rows whose drafter to restart first, from the rows that run it (not done, not cancelled),
+    after the cost of a round at the last step's k (`observed_k`, -1: none) has taken in what
+    that step's rounds took (`observed_seconds`). It takes the drafter alone: passing the target's
+    hundreds of weight arrays to a jitted call costs milliseconds of the host's time per step."""
     drafter = _merge_drafter(drafter_graph, drafter_state)
-    carry, k, restart = strategy.prepare_step(drafter, state.carry, ~(state.done | cancel), rounds_per_step)
+    carry = strategy.observe_round_seconds(state.carry, observed_k, observed_seconds)
+    carry, k, restart = strategy.prepare_step(drafter, carry, ~(state.done | cancel), rounds_per_step)
     return dataclasses.replace(state, carry=carry), k, restart
 
 
@@ -233,7 +242,10 @@ def _restart_drafter(drafter_graph, drafter_state, state: SlotState, tokens, len
     return dataclasses.replace(state, carry=strategy.restart_drafter(drafter, state.carry, slot, tokens, length))
 
 
-STEP_API = ("k_max", "at_k", "prepare_step", "init_without_drafter", "restart_drafter", "without_drafter", "with_drafter")
+STEP_API = (
+    "k_max", "at_k", "prepare_step", "observe_round_seconds", "init_without_drafter", "restart_drafter", "without_drafter",
+    "with_drafter",
+)  # fmt: skip
 
 
 def _chooses_per_step(strategy) -> bool:
@@ -312,7 +324,7 @@ class Engine:
         self.state = self._empty_state(seed)
         if self._variants is not None:  # traced only: e.g. SmartSpec refuses more rounds per step than its lag
             prepare = functools.partial(_prepare_step, strategy=strategy, rounds_per_step=self.rounds_per_step)
-            jax.eval_shape(prepare, *self._graphs[2:], self.state, np.zeros((self.slots,), bool))
+            jax.eval_shape(prepare, *self._graphs[2:], self.state, np.zeros((self.slots,), bool), *_NOT_OBSERVED)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: collections.deque[int] = collections.deque()
@@ -324,6 +336,8 @@ class Engine:
         self.keep_finished = None if keep_finished is None else check_int("keep_finished", keep_finished, 0)
         self._finished: collections.deque[int] = collections.deque()  # finished request ids, oldest first
         self.drafter_restarts = 0  # rows whose drafter was started afresh before a drafting step (SmartSpec)
+        # A strategy choosing per step: the last step's k and seconds per round, for its cost model.
+        self._observed, self._step_k, self._rounds_run = _NOT_OBSERVED, -1, 0
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -498,10 +512,16 @@ class Engine:
             self._emit(events, Event(request_id, (first,)))
         if not self._slot_of:
             return events
-        buffer, count = self._run_step(self._step_strategy(cancel), cancel)
-        buffer, count, done, length, rounds = jax.device_get(
-            (buffer, count, self.state.done, self.state.length, self.state.rounds)
+        strategy = self._step_strategy(cancel)
+        start = time.perf_counter()
+        buffer, count = self._run_step(strategy, cancel)
+        buffer, count, done, length, rounds, rounds_run = jax.device_get(
+            (buffer, count, self.state.done, self.state.length, self.state.rounds, self.state.step)
         )
+        if self._variants is not None and rounds_run > self._rounds_run:  # what a round at this k took
+            seconds = (time.perf_counter() - start) / (int(rounds_run) - self._rounds_run)
+            self._observed = (np.int32(self._step_k), np.float32(seconds))
+        self._rounds_run = int(rounds_run)
         for request_id, slot in sorted(self._slot_of.items(), key=lambda item: item[1]):
             completion = self.completions[request_id]
             completion.rounds = int(rounds[slot])
@@ -527,9 +547,11 @@ class Engine:
         if self._variants is None:
             return self.strategy
         self.state, k, restart = _prepare_step(
-            *self._graphs[2:], self.state, cancel, strategy=self.strategy, rounds_per_step=self.rounds_per_step
+            *self._graphs[2:], self.state, cancel, *self._observed, strategy=self.strategy, rounds_per_step=self.rounds_per_step
         )
+        self._observed = _NOT_OBSERVED
         k, restart = jax.device_get((k, restart))
+        self._step_k = int(k)
         if restart.any():
             for request_id, slot in self._slot_of.items():
                 if restart[slot]:
@@ -625,6 +647,7 @@ def calibrate_smartspec(engine: Engine, *, prompt_len: int = 64, steps: int = 3,
             engine.cancel(request_id)
         engine.run()
     engine.update_strategy_state(_calibrated, seconds.astype(np.float32))
+    engine._observed = _NOT_OBSERVED  # the last forced step's cost is in `seconds` already
     engine.completions.clear()
     engine._finished.clear()
     engine.drafter_restarts = 0

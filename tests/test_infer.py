@@ -485,6 +485,30 @@ def test_serve_bench_divides_by_ar_s_mean():
     assert records[1]["mean_speedup"] == records[2]["mean_speedup"] == 10.5 / 9
 
 
+def test_serve_bench_warms_up_every_width_a_drafter_restart_can_take():
+    """A SmartSpec row restarted mid-request restarts on its prompt and output: the widths up to
+    the longest prompt plus max_new_tokens are compiled before the timing, not during it."""
+    from infer.serve_bench import warm_up
+    from jspec.serve import Engine
+
+    class Recorder:
+        slots, max_len, completions = 1, 512, {}
+        prompt_width = Engine.prompt_width
+
+        def warm_up(self, widths):
+            self.widths = widths
+
+        def submit(self, prompt, **kwargs):
+            pass
+
+        def run(self):
+            pass
+
+    engine = Recorder()
+    warm_up(engine, [[1] * 20, [1] * 40], eos_id=None, max_new_tokens=64)
+    assert engine.widths == {32, 64, 128}  # prompts of 20 and 40 tokens, then up to 103 tokens
+
+
 def test_cpu_model_names_the_cpu_and_the_dtype_relevant_features(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(

@@ -13,13 +13,15 @@ from flax import nnx
 from test_decode import PROMPT, _codes, _exact_first3, unrelated_small_pair
 
 import jspec
-from jspec.methods.smartspec import with_forced_k
+from jspec.methods.smartspec import with_forced_k, with_round_seconds
 from jspec.serve import Engine, Event, alternating_passes, calibrate_smartspec
 
 from conftest import TINY, chi_square_pvalue, perturbed, random_model
 
 MAX_NEW = 24
-SMARTSPEC = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2], lag=3)  # cheap chains: k > 0 until acceptance drops
+# Cheap chains: k > 0 until acceptance drops. The given costs stay (cost_memory 1: no step's timing
+# moves them), so k follows the acceptance alone.
+SMARTSPEC = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2], lag=3, cost_memory=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -194,20 +196,25 @@ def test_unknown_and_finished_requests_cancel_quietly(models):
 
 def test_calibration_measures_each_k_and_sets_the_cost_model(models):
     target, _, poor = models
-    engine = Engine(target, poor, jspec.SmartSpec.from_costs(**SMARTSPEC), slots=2, max_len=40, rounds_per_step=2)
+    strategy = jspec.SmartSpec.from_costs(**{**SMARTSPEC, "cost_memory": 0.9})
+    engine = Engine(target, poor, strategy, slots=2, max_len=40, rounds_per_step=2)
     seconds = calibrate_smartspec(engine, prompt_len=8, steps=1, passes=2)  # k = 0..3, then 3..0
     assert seconds.shape == (4,) and (seconds > 0).all()
     carry = engine.state.carry
     np.testing.assert_allclose(np.asarray(carry.round_seconds), seconds, rtol=1e-6)
     assert int(carry.forced_k) == -1 and not np.asarray(engine.strategy_stats()).any()  # calibration rounds not counted
-    for counts in (carry.accepted, carry.tried, carry.batch_accepted, carry.batch_tried):  # nor what they accepted
-        assert not np.asarray(counts).any()
+    assert not np.asarray(carry.counts).any() and not np.asarray(carry.batch_counts).any()  # nor what they accepted
     assert engine.idle and engine.completions == {}
     engine.update_strategy_state(with_forced_k, 2)
+    engine.update_strategy_state(with_round_seconds, np.full((4,), 5.0, np.float32))  # far off: 5 s a round
     engine.submit([1, 2, 3], max_new_tokens=9)
     engine.run()
     rounds_per_k = np.asarray(engine.strategy_stats())
     assert rounds_per_k[2] > 0 and rounds_per_k.sum() == rounds_per_k[2]
+    # Each step's timed rounds moved the cost at k = 2 toward what they took (milliseconds), from
+    # the second step on (a step's cost is taken in before the next); the other costs stay put.
+    measured = np.asarray(engine.state.carry.round_seconds)
+    assert measured[2] < 5.0 and (measured[[0, 1, 3]] == 5.0).all()
     with pytest.raises(ValueError, match="SmartSpec"):
         calibrate_smartspec(Engine(target, None, jspec.Autoregressive(), slots=1, max_len=40))
 

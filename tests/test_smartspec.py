@@ -25,12 +25,13 @@ LENGTHS = np.array([10, 3, 6], np.int32)
 CHEAP = dict(t_draft=0.2, t_target=[1.0, 1.1, 1.15, 1.2, 1.3])  # a target pass barely grows with its tokens
 
 
-def carry_with(strategy, alpha: list[float], forced_k: int = -1, n: float = 1e6) -> SmartSpecCarry:
-    """A carry whose rows have accepted `alpha` of n drafts (n large: the estimates are alpha)."""
-    tried, zero = jnp.full((len(alpha),), n), jnp.zeros(())
-    return SmartSpecCarry(
-        None, n * jnp.asarray(alpha), tried, zero, zero, None, None, None, None, strategy.round_seconds(), jnp.int32(forced_k)
-    )
+def carry_with(strategy, alpha: list[float], forced_k: int = -1, n: float = 1e6, alpha_next=None) -> SmartSpecCarry:
+    """A carry whose rows have accepted `alpha` of n first drafts and `alpha_next` (default: alpha)
+    of n later ones (n large: the estimates are alpha and alpha_next)."""
+    first = jnp.asarray(alpha, jnp.float32)
+    later = first if alpha_next is None else jnp.asarray(alpha_next, jnp.float32)
+    counts = n * jnp.stack([first, jnp.ones_like(first), later, jnp.ones_like(first)], axis=1)
+    return SmartSpecCarry(None, counts, jnp.zeros((4,)), None, None, None, None, strategy.round_seconds(), jnp.int32(forced_k))
 
 
 def test_greedy_output_equals_the_target_s_while_k_switches():
@@ -47,6 +48,12 @@ def test_k_is_the_goodput_argmax_of_the_cost_model():
     expected = np.asarray([1.0, 1.6, 1.96, 2.176, 2.3056]) / np.asarray([1.0, 1.3, 1.55, 1.8, 2.1])
     np.testing.assert_allclose(np.asarray(cheap.goodput(carry_with(cheap, [0.6, 0.6]), active)) / 2, expected, rtol=1e-5)
     assert int(cheap.choose_k(carry_with(cheap, [0.6, 0.6]), active)) == int(np.argmax(expected))
+    # Bursty acceptance (alpha 0.5, alpha_next 0.8): E(k) = 1, 1.5, 1.9, 2.22, 2.476, so a longer
+    # chain than one rate of 0.5 gives (E(k) = 1, 1.5, 1.75, 1.875, 1.9375: k = 1 at these costs).
+    bursty = carry_with(cheap, [0.5, 0.5], alpha_next=[0.8, 0.8])
+    expected = np.asarray([1.0, 1.5, 1.9, 2.22, 2.476]) / np.asarray([1.0, 1.3, 1.55, 1.8, 2.1])
+    np.testing.assert_allclose(np.asarray(cheap.goodput(bursty, active)) / 2, expected, rtol=1e-5)
+    assert int(cheap.choose_k(carry_with(cheap, [0.5, 0.5]), active)) == 1 and int(cheap.choose_k(bursty, active)) == 3
     # A compute-bound batch (a pass costs in proportion to its tokens): never speculate.
     busy = jspec.SmartSpec.from_costs(0.05, [1.0, 2.0, 3.0, 4.0])
     assert all(int(busy.choose_k(carry_with(busy, [a, a]), active)) == 0 for a in (0.5, 0.9, 0.99))
@@ -61,21 +68,37 @@ def test_k_is_the_goodput_argmax_of_the_cost_model():
 
 def test_a_new_row_starts_at_the_batch_s_estimate_and_plain_rounds_relax_toward_it():
     s = jspec.SmartSpec.from_costs(**CHEAP, prior=0.5, decay=0.5, relax=0.5, batch_decay=0.25)
-    zeros, zero = jnp.zeros((2,)), jnp.zeros(())
-    pending = (jnp.zeros((2, s.lag), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.zeros((s.k_max + 1,), jnp.int32), zeros > 0)
+    pending = (
+        jnp.zeros((2, s.lag), jnp.int32),
+        jnp.zeros((2,), jnp.int32),
+        jnp.zeros((s.k_max + 1,), jnp.int32),
+        jnp.zeros((2,), bool),
+    )
     root = RoundCarry(None, None, jnp.zeros((2,), jnp.int32))
-    carry = SmartSpecCarry(root, zeros, zeros, zero, zero, *pending, s.round_seconds(), jnp.int32(-1))
-    np.testing.assert_allclose(s.acceptance(carry), [0.5, 0.5])  # nothing seen yet: the prior
-    # Row 0 accepts both of 2 drafts, row 1 is idle: the batch has seen 2 of 2, (2 + 1) / (2 + 2);
-    # row 0 its own 2 of 2 plus 2 at the batch's, (2 + 1.5) / 4; row 1 (a new request) the batch's.
-    carry = s._observe(carry, carry.round, 2, jnp.asarray([2, 0]), jnp.asarray([True, False]))
-    np.testing.assert_allclose(s.acceptance(carry), [0.875, 0.75])
+    carry = SmartSpecCarry(root, jnp.zeros((2, 4)), jnp.zeros((4,)), *pending, s.round_seconds(), jnp.int32(-1))
+    np.testing.assert_allclose(s.acceptance(carry), [[0.5, 0.5], [0.5, 0.5]])  # nothing seen yet: the prior
+    # Row 0 accepts 1 of 2 drafts (first accepted of 1 tried, later 0 of 1), row 1 is idle. The
+    # batch: alpha (1 + 1) / (1 + 2) = 2/3, alpha_next (0 + 2 * 2/3) / (1 + 2) = 4/9 (its prior is
+    # the batch's alpha); row 0 its own counts plus 2 tried at the batch's: (1 + 4/3) / 3 and
+    # (0 + 8/9) / 3; row 1 (a new request) the batch's.
+    carry = s._observe(carry, carry.round, 2, jnp.asarray([1, 0]), jnp.asarray([True, False]))
+    np.testing.assert_allclose(s.acceptance(carry), [[7 / 9, 2 / 3], [8 / 27, 4 / 9]], rtol=1e-6)
     assert int(carry.n_pending.sum()) == 0
     # A plain round halves a row's counts (relax 0.5) and quarters the batch's (batch_decay 0.25):
-    # the batch's (0.5 + 1) / (0.5 + 2), row 0's (1 + 2 * 0.6) / (1 + 2).
+    # the batch's (0.25 + 1) / (0.25 + 2) = 5/9 and (0 + 10/9) / 2.25; row 0's (0.5 + 10/9) / 2.5
+    # and (0 + 80/81) / 2.5.
     carry = s._observe(carry, carry.round, 0, jnp.zeros((2,), jnp.int32), jnp.asarray([True, True]))
-    np.testing.assert_allclose(s.acceptance(carry), [2.2 / 3, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(s.acceptance(carry), [[29 / 45, 5 / 9], [32 / 81, 40 / 81]], rtol=1e-6)
     assert carry.n_pending.tolist() == [1, 1] and carry.rounds_per_k.tolist() == [1, 0, 1, 0, 0]
+
+
+def test_a_step_s_measured_round_cost_moves_the_cost_model():
+    s = jspec.SmartSpec.from_costs(**CHEAP, cost_memory=0.75)
+    carry = carry_with(s, [0.5])
+    moved = s.observe_round_seconds(carry, jnp.int32(2), jnp.float32(2.0))  # 0.75 * 1.55 + 0.25 * 2
+    np.testing.assert_allclose(moved.round_seconds, [1.0, 1.3, 1.6625, 1.8, 2.1], rtol=1e-6)
+    unchanged = s.observe_round_seconds(carry, jnp.int32(-1), jnp.float32(2.0))  # no step observed
+    np.testing.assert_array_equal(unchanged.round_seconds, carry.round_seconds)
 
 
 def test_absorb_brings_the_drafter_in_step():
@@ -140,6 +163,8 @@ def test_arguments_are_checked():
         jspec.SmartSpec.from_costs(-0.1, [1.0, 1.1])
     with pytest.raises(ValueError, match="relax"):
         jspec.SmartSpec.from_costs(**CHEAP, relax=2.0)
+    with pytest.raises(ValueError, match="cost_memory"):
+        jspec.SmartSpec.from_costs(**CHEAP, cost_memory=1.5)
     with pytest.raises(ValueError, match="batch_decay"):
         jspec.SmartSpec.from_costs(**CHEAP, batch_decay=-0.1)
     with pytest.raises(ValueError, match="lag"):

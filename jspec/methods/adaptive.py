@@ -56,6 +56,15 @@ def round_counts(accepted: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax
     return first_accepted, jnp.ones_like(accepted), jnp.maximum(accepted - 1.0, 0.0), jnp.minimum(accepted, drafts - 1.0)
 
 
+def expected_chain_tokens(alpha: jax.Array, alpha_next: jax.Array, k_max: int) -> jax.Array:
+    """float32 `[B, k_max + 1]`: the tokens a round emits with a chain of k = 0 .. k_max drafts,
+    1 + alpha * (1 + alpha_next + ... + alpha_next^(k - 1)), for rows whose first draft is accepted
+    with probability alpha `[B]` and a later one, given the one before it was, alpha_next `[B]`."""
+    powers = alpha_next[:, None] ** jnp.arange(k_max, dtype=jnp.float32)  # [B, k_max]
+    later = jnp.concatenate([jnp.zeros_like(alpha)[:, None], jnp.cumsum(powers, axis=1)], axis=1)
+    return 1.0 + alpha[:, None] * later
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptiveK(SpeculativeStrategy):
     """A chain of per-row length k in 1..k_max, chosen each round (see the module docstring).
@@ -117,7 +126,7 @@ class AdaptiveK(SpeculativeStrategy):
         alpha = carry.first_accepted / jnp.maximum(carry.first_tried, 1e-6)  # [B]
         alpha_next = carry.next_accepted / jnp.maximum(carry.next_tried, 1e-6)
         ks = jnp.arange(1, self.k_max + 1)
-        taus = 1.0 + alpha[:, None] * jnp.cumsum(alpha_next[:, None] ** (ks - 1), axis=1)  # [B, K], tau(k)
+        taus = expected_chain_tokens(alpha, alpha_next, self.k_max)[:, 1:]  # [B, K], tau(k)
         costs = ks * self.t_draft + jnp.asarray(self.t_target[1:], jnp.float32)
         return (jnp.argmax(taus / costs, axis=1) + 1).astype(jnp.int32)  # argmax: ties go to the smaller k
 

@@ -2,12 +2,14 @@
 estimated goodput (SmartSpec, "Optimizing Speculative Decoding for Serving LLMs Using Goodput",
 arXiv 2406.14066).
 
-Goodput is the tokens the batch is expected to emit per second of the round. For a row with
-acceptance estimate alpha, a chain of k drafts emits E(alpha, k) = 1 + alpha + ... + alpha^k tokens
-(Leviathan et al. arXiv 2211.17192); the round costs t_target(k + 1), a target pass over k + 1
-tokens, plus k drafter steps, both measured at the batch size being served. Each round picks
+Goodput is the tokens the batch is expected to emit per second of the round. A row's chain of k
+drafts emits E(k) = 1 + alpha (1 + alpha_next + ... + alpha_next^(k - 1)) tokens, alpha the row's
+estimated acceptance of a first draft and alpha_next of a later one given the one before it was
+accepted (`AdaptiveK`'s two rates; with one rate, E is Leviathan et al.'s, arXiv 2211.17192). The
+round costs t_target(k + 1), a target pass over k + 1 tokens, plus k drafter steps, both measured
+at the batch size being served. Each round picks
 
-    k* = argmax_k  sum over active rows of E(alpha_row, k)  /  (t_target(k + 1) + k t_draft),
+    k* = argmax_k  sum over active rows of E_row(k)  /  (t_target(k + 1) + k t_draft),
 
 k in 0..k_max. Under light load a pass over k + 1 tokens costs about as much as one, so k* is long;
 as the batch grows the target's pass becomes compute-bound, longer chains cost in proportion and k*
@@ -29,8 +31,9 @@ feeds the drafter its pending roots when due) and runs the step at that k (`at_k
 k): no cond in a round, so a k = 0 round costs what a plain decoding round does (the in-loop
 choice made it 1.4 plain rounds: XLA copied the caches through the conds; SmolLM2, 16 slots, CPU).
 
-The acceptance estimate is SmartSpec's: exponentially decayed counts of accepted and tried drafts
-per row (as `AdaptiveK`).
+The acceptance estimates are SmartSpec's, exponentially decayed counts of accepted and tried drafts
+per row, kept for the two rates (as `AdaptiveK`): acceptance can come in bursts (where the drafter
+is right once it tends to stay right), and one i.i.d. rate then underrates longer chains.
 A new request's estimate starts at the batch's (decayed counts over every row, after `prior`).
 The batch's counts have a long memory (`batch_decay`, applied every round): a row's estimate
 follows its request (`decay`), the batch's what the drafter accepts over many requests. A k = 0
@@ -51,6 +54,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jspec.methods.adaptive import expected_chain_tokens, round_counts
 from jspec.methods.chain import draft_chain, drafted_chain, verify_cut_chain
 from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
 from jspec.trees.draft import DraftedTree
@@ -60,9 +64,10 @@ from jspec.validation import check_int
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SmartSpecCarry:
-    """The round carry; per row, decayed counts `[B]` of accepted drafts and drafts tried, and the
-    roots of k = 0 rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`); the
-    same counts over every row (`batch_accepted`, `batch_tried`, `[]`: a new row's prior);
+    """The round carry; per row, decayed counts `[B, 4]` of first drafts accepted and tried and of
+    later drafts accepted and tried (`jspec.methods.adaptive.round_counts`), and the roots of k = 0
+    rounds the drafter has not taken in (`pending [B, lag]`, `n_pending [B]`); the same counts over
+    every row (`batch_counts [4]`: a new row's prior);
     `rounds_per_k [k_max + 1]`, how many rounds ran at each k (`Stats.strategy`); rows whose drafter
     state is out of step (`stale [B]`: a serving engine restarts it before drafting); the cost model
     and a forced k, as values (`with_round_seconds`, `with_forced_k`; in a serving engine through
@@ -70,10 +75,8 @@ class SmartSpecCarry:
     without recompiling."""
 
     round: RoundCarry
-    accepted: jax.Array
-    tried: jax.Array
-    batch_accepted: jax.Array
-    batch_tried: jax.Array
+    counts: jax.Array  # float32 [B, 4]: first drafts accepted, tried; later drafts accepted, tried
+    batch_counts: jax.Array  # float32 [4]
     pending: jax.Array
     n_pending: jax.Array
     rounds_per_k: jax.Array
@@ -89,12 +92,14 @@ class SmartSpec(SpeculativeStrategy):
     t_target: seconds of a target pass over 1 .. k_max + 1 tokens, and t_draft: seconds of one
     drafter step, both at the batch size being served (build it with `SmartSpec.from_costs`;
     `infer.serve_bench` measures them). decay: the weight of the past in the acceptance counts;
-    prior: the acceptance assumed before the first drafting round (worth 2 drafts tried; a new
-    request starts at the batch's estimate); lag: the k = 0 rounds a row's drafter may fall behind
+    prior: the acceptance of a first draft assumed before the first drafting round (worth 2 drafts
+    tried; a later draft's is assumed to be the first's until later drafts have been tried; a new
+    request starts at the batch's estimates); lag: the k = 0 rounds a row's drafter may fall behind
     before it catches up; decay and batch_decay: the weight a round keeps of a row's acceptance
     counts (a drafting round; a k = 0 round keeps `relax` of them) and of the batch's (every
-    round; module doc). Needs a language-model
-    drafter (one with `absorb`).
+    round; module doc); cost_memory: the weight of the past in a serving engine's running
+    measurement of a round's cost at each k (`observe_round_seconds`; 1 keeps the calibrated
+    costs). Needs a language-model drafter (one with `absorb`).
     """
 
     k_max: int = 4
@@ -105,6 +110,7 @@ class SmartSpec(SpeculativeStrategy):
     lag: int = 16
     relax: float = 0.95
     batch_decay: float = 0.99
+    cost_memory: float = 0.9
 
     def __post_init__(self):
         check_int("k_max", self.k_max, 1)
@@ -118,7 +124,7 @@ class SmartSpec(SpeculativeStrategy):
             )
         if isinstance(self.t_draft, bool) or not isinstance(self.t_draft, (int, float)) or not self.t_draft >= 0:
             raise ValueError(f"t_draft must be a number of seconds >= 0, got {self.t_draft!r}")
-        for name in ("decay", "prior", "relax", "batch_decay"):
+        for name in ("decay", "prior", "relax", "batch_decay", "cost_memory"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -159,19 +165,24 @@ class SmartSpec(SpeculativeStrategy):
         k = jnp.arange(self.k_max + 1, dtype=jnp.float32)
         return jnp.asarray(self.t_target, jnp.float32) + k * self.t_draft
 
-    def acceptance(self, carry: SmartSpecCarry) -> jax.Array:
-        """float32 `[B]`: each row's acceptance estimate, its decayed counts plus 2 drafts tried at
-        the batch's estimate (itself its counts plus 2 drafts tried at `prior`). A new request
-        starts at what the batch has been accepting, not at a constant."""
-        batch = (carry.batch_accepted + 2.0 * self.prior) / (carry.batch_tried + 2.0)
-        return (carry.accepted + 2.0 * batch) / (carry.tried + 2.0)
+    def acceptance(self, carry: SmartSpecCarry) -> tuple[jax.Array, jax.Array]:
+        """float32 `[B]` each: each row's estimates of alpha (a first draft accepted) and alpha_next
+        (a later one, given the one before it was), its decayed counts plus 2 drafts tried at the
+        batch's estimate (itself its counts plus 2 drafts tried at `prior`, for alpha_next at the
+        batch's alpha). A new request starts at what the batch has been accepting, not at a
+        constant."""
+        counts, batch = carry.counts, carry.batch_counts
+        batch_alpha = (batch[0] + 2.0 * self.prior) / (batch[1] + 2.0)
+        # Until later drafts are tried, alpha_next is taken to be alpha (no evidence of bursts): a
+        # prior of its own would stay put while k = 1 tries none, and could keep k at 1 for good.
+        batch_next = (batch[2] + 2.0 * batch_alpha) / (batch[3] + 2.0)
+        alpha = (counts[:, 0] + 2.0 * batch_alpha) / (counts[:, 1] + 2.0)
+        return alpha, (counts[:, 2] + 2.0 * batch_next) / (counts[:, 3] + 2.0)
 
     def goodput(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
         """float32 `[k_max + 1]`: expected tokens per second of the round at each k, over the
         active rows (`active [B]`) and their acceptance estimates (`acceptance`)."""
-        alpha = self.acceptance(carry)  # [B]
-        powers = alpha[:, None] ** jnp.arange(self.k_max + 1, dtype=jnp.float32)  # [B, K + 1]
-        expected = jnp.cumsum(powers, axis=1)  # E(alpha, k) = 1 + alpha + ... + alpha^k
+        expected = expected_chain_tokens(*self.acceptance(carry), self.k_max)  # [B, K + 1]
         return jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0) / carry.round_seconds
 
     def choose_k(self, carry: SmartSpecCarry, active: jax.Array) -> jax.Array:
@@ -208,10 +219,8 @@ class SmartSpec(SpeculativeStrategy):
         b = carry.last.shape[0]
         return SmartSpecCarry(
             round=carry,
-            accepted=jnp.zeros((b,), jnp.float32),
-            tried=jnp.zeros((b,), jnp.float32),
-            batch_accepted=jnp.zeros((), jnp.float32),
-            batch_tried=jnp.zeros((), jnp.float32),
+            counts=jnp.zeros((b, 4), jnp.float32),
+            batch_counts=jnp.zeros((4,), jnp.float32),
             pending=jnp.zeros((b, self.lag), jnp.int32),
             n_pending=jnp.zeros((b,), jnp.int32),
             rounds_per_k=jnp.zeros((self.k_max + 1,), jnp.int32),
@@ -265,6 +274,16 @@ class SmartSpec(SpeculativeStrategy):
         gated = CommitWhen(drafter, drafting)  # the drafter keeps a round only if it drafted it
         inner, tokens, n_new = commit_round(carry.round, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
         return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
+
+    def observe_round_seconds(self, carry: SmartSpecCarry, k: jax.Array, seconds: jax.Array) -> SmartSpecCarry:
+        """The carry with the cost of a round at k (int32 `[]`; < 0: none observed) moved toward
+        `seconds` (float32 `[]`, what a serving step's rounds at k took each, timed by the host),
+        keeping `cost_memory` of the old. The calibration's costs are a start: its dummy prompts,
+        cache lengths and all-busy slots are not the traffic's."""
+        index = jnp.where(k >= 0, k, self.k_max + 1)  # out of range: dropped
+        old = carry.round_seconds[jnp.clip(index, 0, self.k_max)]
+        new = self.cost_memory * old + (1.0 - self.cost_memory) * seconds
+        return dataclasses.replace(carry, round_seconds=carry.round_seconds.at[index].set(new, mode="drop"))
 
     def prepare_step(self, drafter, carry: SmartSpecCarry, active: jax.Array, rounds: int):
         """Between a serving engine's steps: k for the next `rounds` rounds (`choose_k`, int32 `[]`),
@@ -327,15 +346,15 @@ class SmartSpec(SpeculativeStrategy):
         b = active.shape[0]
         root = carry.round.last
         pending = carry.pending.at[jnp.arange(b), jnp.where(plain_rows, carry.n_pending, self.lag)].set(root, mode="drop")
-        accepted = jnp.where(active, accepted, 0).astype(jnp.float32)
-        tried = jnp.where(active, jnp.where(accepted < k, accepted + 1, k), 0).astype(jnp.float32)
-        row = lambda old, new: jnp.where(drafting, jnp.where(active, self.decay * old + new, old), self.relax * old)  # noqa: E731
-        batch = lambda old, new: self.batch_decay * old + jnp.where(drafting, jnp.sum(new), 0.0)  # noqa: E731
+        drafts = jnp.full(accepted.shape, jnp.maximum(k, 1))  # a k = 0 round's counts are not used
+        new = jnp.where(active[:, None], jnp.stack(round_counts(accepted, drafts), axis=1), 0.0)  # [B, 4]
+        rows = jnp.where(
+            drafting, jnp.where(active[:, None], self.decay * carry.counts + new, carry.counts), self.relax * carry.counts
+        )
+        batch = self.batch_decay * carry.batch_counts + jnp.where(drafting, jnp.sum(new, axis=0), 0.0)
         return dataclasses.replace(
             carry, round=inner, pending=pending, n_pending=carry.n_pending + plain_rows.astype(jnp.int32),
-            accepted=row(carry.accepted, accepted), tried=row(carry.tried, tried),
-            batch_accepted=batch(carry.batch_accepted, accepted), batch_tried=batch(carry.batch_tried, tried),
-            rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)),
+            counts=rows, batch_counts=batch, rounds_per_k=carry.rounds_per_k.at[k].add(jnp.any(active).astype(jnp.int32)),
         )  # fmt: skip
 
 
@@ -407,11 +426,7 @@ def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
 def without_acceptance(carry: SmartSpecCarry) -> SmartSpecCarry:
     """The carry with every acceptance count (each row's and the batch's) cleared: the estimates
     start again from the prior (after rounds that were not real traffic, e.g. a calibration)."""
-    zero = jnp.zeros_like
-    return dataclasses.replace(
-        carry, accepted=zero(carry.accepted), tried=zero(carry.tried),
-        batch_accepted=zero(carry.batch_accepted), batch_tried=zero(carry.batch_tried),
-    )  # fmt: skip
+    return dataclasses.replace(carry, counts=jnp.zeros_like(carry.counts), batch_counts=jnp.zeros_like(carry.batch_counts))
 
 
 def with_forced_k(carry: SmartSpecCarry, k) -> SmartSpecCarry:
