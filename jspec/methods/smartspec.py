@@ -280,10 +280,9 @@ class SmartSpec(SpeculativeStrategy):
         `seconds` (float32 `[]`, what a serving step's rounds at k took each, timed by the host),
         keeping `cost_memory` of the old. The calibration's costs are a start: its dummy prompts,
         cache lengths and all-busy slots are not the traffic's."""
-        index = jnp.where(k >= 0, k, self.k_max + 1)  # out of range: dropped
-        old = carry.round_seconds[jnp.clip(index, 0, self.k_max)]
-        new = self.cost_memory * old + (1.0 - self.cost_memory) * seconds
-        return dataclasses.replace(carry, round_seconds=carry.round_seconds.at[index].set(new, mode="drop"))
+        old = carry.round_seconds
+        moved = self.cost_memory * old + (1.0 - self.cost_memory) * seconds
+        return dataclasses.replace(carry, round_seconds=jnp.where(jnp.arange(self.k_max + 1) == k, moved, old))
 
     def prepare_step(self, drafter, carry: SmartSpecCarry, active: jax.Array, rounds: int):
         """Between a serving engine's steps: k for the next `rounds` rounds (`choose_k`, int32 `[]`),
