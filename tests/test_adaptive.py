@@ -13,7 +13,7 @@ import jspec
 from jspec.analysis import best_k_from_costs
 from jspec.methods.adaptive import AdaptiveCarry, round_counts
 
-from conftest import TINY, assert_greedy_matches_target, random_model
+from conftest import TINY, assert_greedy_matches_target, perturbed, random_model
 
 PROMPTS = np.asarray(jax.random.randint(jax.random.key(5), (3, 10), 0, 64), np.int32)
 LENGTHS = np.array([10, 3, 6], np.int32)
@@ -22,6 +22,23 @@ COSTS = dict(t_draft=0.1, t_target=[1.0, 1.1, 1.15, 1.2, 1.3])
 
 def test_greedy_output_equals_the_target_s():
     assert_greedy_matches_target(random_model(TINY, seed=0), jspec.AdaptiveK.from_costs(**COSTS), PROMPTS, LENGTHS)
+
+
+def test_greedy_output_equals_the_target_s_at_batch_1_where_each_round_runs_a_fixed_chain():
+    """At batch 1 a round runs a fixed chain of the row's k (one branch per k); output is still
+    the target's, and the rounds switch between k's."""
+    target = random_model(TINY, seed=0)
+    strategy = jspec.AdaptiveK.from_costs(**COSTS)
+    chosen = np.zeros(strategy.k_max, np.int64)
+    for row in range(len(PROMPTS)):
+        prompts, lengths = PROMPTS[row : row + 1], LENGTHS[row : row + 1]
+        assert_greedy_matches_target(target, strategy, prompts, lengths)
+        out = jspec.speculative_generate(target, perturbed(target, 0.3, seed=1), prompts, prompt_lengths=lengths,
+                                         max_new_tokens=20, strategy=strategy)  # fmt: skip
+        per_k = np.asarray(out.stats.strategy["rounds_per_k"])[0]
+        assert per_k.sum() == int(out.stats.target_passes[0])
+        chosen += per_k
+    assert np.count_nonzero(chosen) >= 2, chosen
 
 
 def test_row_k_is_the_cost_model_s_best_k_at_each_row_s_two_rates():
@@ -82,5 +99,6 @@ def test_arguments_are_checked():
 
 
 @pytest.mark.slow
-def test_the_first_three_tokens_follow_the_target_s_law_at_t1():
-    assert first3_pvalue(jspec.AdaptiveK.from_costs(0.1, [1.0, 1.05, 1.1])) > 1e-3
+@pytest.mark.parametrize("batch_1", [False, True], ids=["cut-chain", "batch-1-fixed-chain"])
+def test_the_first_three_tokens_follow_the_target_s_law_at_t1(batch_1):
+    assert first3_pvalue(jspec.AdaptiveK.from_costs(0.1, [1.0, 1.05, 1.1]), batch_1=batch_1) > 1e-3

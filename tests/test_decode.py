@@ -238,7 +238,9 @@ def _codes(tokens) -> np.ndarray:
 
 def _sample_codes(run) -> np.ndarray:
     prompts = np.repeat(PROMPT, ROWS, 0)
-    return np.concatenate([_codes(run(prompts, jax.random.key(seed)).tokens) for seed in range(CALLS)])
+    # run returns an `Output` or its tokens
+    outputs = (run(prompts, jax.random.key(seed)) for seed in range(CALLS))
+    return np.concatenate([_codes(getattr(out, "tokens", out)) for out in outputs])
 
 
 def unrelated_small_pair():
@@ -246,16 +248,25 @@ def unrelated_small_pair():
     return random_model(SMALL, seed=11, scale=3.0), random_model(SMALL, seed=12, scale=3.0)
 
 
-def first3_pvalue(strategy, sampling: Sampling = Sampling(temperature=1.0), pair=None) -> float:
+def first3_pvalue(strategy, sampling: Sampling = Sampling(temperature=1.0), pair=None, batch_1: bool = False) -> float:
     """Chi-square p-value of the first 3 tokens of `speculative_generate` with `strategy` (on
-    `pair`, by default `unrelated_small_pair()`) against the target's exact distribution."""
+    `pair`, by default `unrelated_small_pair()`) against the target's exact distribution. batch_1:
+    every sample from a batch of one row (the calls vmapped over keys), for strategies whose
+    batch-1 rounds take another path."""
     target, drafter = pair or unrelated_small_pair()
-    codes = _sample_codes(
-        lambda prompts, key: jspec.speculative_generate(
-            target, drafter, prompts, max_new_tokens=3, strategy=strategy, sampling=sampling, rng=key
+
+    def run(prompts, key):
+        generate = lambda prompts, key: (
+            jspec.speculative_generate(  # noqa: E731
+                target, drafter, prompts, max_new_tokens=3, strategy=strategy, sampling=sampling, rng=key
+            ).tokens
         )
-    )
-    return chi_square_pvalue(codes, _exact_first3(target, sampling))
+        if not batch_1:
+            return generate(prompts, key)
+        keys = jax.random.split(key, prompts.shape[0])
+        return jax.vmap(lambda key: generate(prompts[:1], key)[0])(keys)
+
+    return chi_square_pvalue(_sample_codes(run), _exact_first3(target, sampling))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from jspec.drafters import ModelDrafter, Prefill, prefill_model
 from jspec.eagle import EagleHead
 from jspec.methods.chain import draft_chain
 from jspec.retrieval import LookupDrafter
-from jspec.rounds import TreeStrategy
+from jspec.rounds import TreeStrategy, run_branch
 
 from conftest import TINY, perturbed, random_model
 
@@ -103,3 +103,24 @@ def test_an_inactive_row_comes_out_of_a_round_as_it_went_in(target, make):
             n = int(carry.target_cache.lengths[1])
             np.testing.assert_array_equal(np.asarray(before[:, 1, : n - 2]), np.asarray(after[:, 1, : n - 2]))
     assert int(new.target_cache.lengths[0]) > int(carry.target_cache.lengths[0])  # an active row moved on
+
+
+def _whole_buffer_copies(fn, *args, shape: str) -> int:
+    """Copies of a whole `shape` buffer in fn's compiled program."""
+    hlo = jax.jit(fn, donate_argnums=1).lower(*args).compile().as_text()
+    return sum(1 for line in hlo.splitlines() if f"= {shape}" in line and " copy(" in line)
+
+
+def test_run_branch_runs_the_chosen_branch_alone_and_updates_its_operand_in_place():
+    """Each branch writes one row of a large carried buffer (as a round writes the cache): the
+    chosen branch alone runs, and the compiled program holds no copy of the buffer, where the same
+    branches under `lax.switch` do (the control: XLA copies what a conditional's branches update)."""
+    branches = [lambda operand, i=i: (operand[0].at[i].set(i + 1.0), operand[1] + i + 1) for i in range(3)]
+    buffer = jnp.zeros((4, 4096), jnp.float32)
+    for index in range(3):
+        out, count = jax.jit(lambda index, buffer: run_branch(index, branches, (buffer, jnp.int32(0))))(index, buffer)
+        np.testing.assert_array_equal(np.asarray(out)[:, 0], [float(i == index) * (index + 1) for i in range(4)])
+        assert int(count) == index + 1
+    looped = _whole_buffer_copies(lambda i, b: run_branch(i, branches, (b, jnp.int32(0))), 1, buffer, shape="f32[4,4096]")
+    switched = _whole_buffer_copies(lambda i, b: jax.lax.switch(i, branches, (b, jnp.int32(0))), 1, buffer, shape="f32[4,4096]")
+    assert looped == 0 and switched > 0, (looped, switched)

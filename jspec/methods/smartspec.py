@@ -24,12 +24,14 @@ of step (`stale`), and restarts a stale row's drafter from its sequence only whe
 (`without_drafter`), so an engine that keeps choosing k = 0 runs plain decoding's program, on a
 target cache with a round's slack only (the drafter's cache has its own, `drafter_cache_size`).
 
-Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop), the
-drafter's work under a cond on k and the target scoring a prefix of the longest chain. A serving
-engine (`jspec.serve.Engine`) chooses it between its compiled steps (`prepare_step`, which also
-feeds the drafter its pending roots when due) and runs the step at that k (`at_k`, one program per
-k): no cond in a round, so a k = 0 round costs what a plain decoding round does (the in-loop
-choice made it 1.4 plain rounds: XLA copied the caches through the conds; SmolLM2, 16 slots, CPU).
+Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'s loop) and runs
+`round_at(k)` as one of k_max + 1 branches (`jspec.rounds.run_branch`), so a drafting round is a
+fixed chain's, with no cut-chain machinery. The branches still cost something: SmolLM2 in bfloat16,
+batch 1, CPU, a round forced to k = 2 took 33.2 ms against a fixed chain's 31.3 at 256 tokens of
+context, and a k = 0 round 1.1 ms (256 tokens) to 4.6 ms (896) more than a plain decoding round. A
+serving engine (`jspec.serve.Engine`) chooses k between its compiled steps (`prepare_step`, which
+also feeds the drafter its pending roots when due) and runs the step at that k (`at_k`, one program
+per k): no branch in a round, so a k = 0 round costs what a plain decoding round does.
 
 The acceptance estimates are SmartSpec's, exponentially decayed counts of accepted and tried drafts
 per row, kept for the two rates (as `AdaptiveK`): acceptance can come in bursts (where the drafter
@@ -55,9 +57,8 @@ import jax
 import jax.numpy as jnp
 
 from jspec.methods.adaptive import expected_chain_tokens, round_counts
-from jspec.methods.chain import draft_chain, drafted_chain, verify_cut_chain
-from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, prefix_sizes, score_tree
-from jspec.trees.draft import DraftedTree
+from jspec.methods.chain import draft_chain, verify_cut_chain
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, run_branch, score_tree
 from jspec.validation import check_int
 
 
@@ -156,10 +157,6 @@ class SmartSpec(SpeculativeStrategy):
     def _start_drafter(self, drafter, prefill):
         return drafter.start(prefill.prompts, prefill.lengths, self.drafter_cache_size(prefill.cache.size))
 
-    @property
-    def score_sizes(self) -> tuple[int, ...]:
-        return prefix_sizes(self.k_max + 1)
-
     def round_seconds(self) -> jax.Array:
         """float32 `[k_max + 1]`: the modelled cost of a round at each k, from the given costs."""
         k = jnp.arange(self.k_max + 1, dtype=jnp.float32)
@@ -246,34 +243,28 @@ class SmartSpec(SpeculativeStrategy):
         return dataclasses.replace(carry, round=dataclasses.replace(carry.round, drafter=state), n_pending=n_pending)
 
     def round(self, target, drafter, carry: SmartSpecCarry, active, sampling, key):
-        """A round whose k is chosen here, on the device, from the carry (`jspec.decode`'s loop): the
-        drafter's work sits under a cond on k and the target scores the shortest prefix of the chain
-        holding it (`score_tree`'s sizes). A serving engine instead picks k between its compiled steps
-        and runs `at_k(k)`, whose rounds have no conds around the caches (module doc)."""
-        # Only the drafter's work sits under a cond on k: the target's pass is the same code at every
-        # k (a prefix of the chain, one token at k = 0), since caches passed through a cond's
-        # branches got copied every round (a plain round at 4 slots cost 1.5 AR rounds).
+        """A round whose k is chosen here, on the device, from the carry (`jspec.decode`'s loop), and
+        run as `round_at(k)`: one branch per k (`jspec.rounds.run_branch`), so a round at k costs
+        what a fixed chain of k does, with no cut-chain machinery. The drafter first takes in its
+        pending roots: before a drafting round all of them, before a plain one only when its
+        buffer is full. A serving engine instead picks k between its compiled steps and runs
+        `at_k(k)` (module doc)."""
         k = self.choose_k(carry, active)
-        drafting = k > 0
+        width = self.tokens_per_round
+
+        def at(j: int):
+            def branch(operand):
+                carry = operand[0]
+                due = carry.n_pending > 0 if j > 0 else carry.n_pending >= self.lag
+                carry = self._catch_up(drafter, carry, active, jnp.any(active & due))
+                carry, tokens, n_new = self.round_at(j, target, drafter, carry, active, sampling, key)
+                return carry, jnp.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), n_new
+
+            return branch
+
         b = active.shape[0]
-        key_draft, key_verify = jax.random.split(key)
-        last = carry.round.last
-
-        def draft(carry: SmartSpecCarry):
-            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending > 0)))
-            limit = jnp.full((b,), k, jnp.int32)
-            return carry, draft_chain(drafter, carry.round.drafter, last, self.k_max, sampling, key_draft, limit=limit)
-
-        def no_draft(carry: SmartSpecCarry):
-            carry = self._catch_up(drafter, carry, active, jnp.any(active & (carry.n_pending >= self.lag)))
-            return carry, root_only(last, self.k_max, drafter.vocab_size, carry.round.drafter)
-
-        carry, drafted = jax.lax.cond(drafting, draft, no_draft, carry)
-        logits, cache, features = score_tree(target, carry.round.target_cache, drafted, drafter.feature_layers, self.score_sizes)
-        verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
-        gated = CommitWhen(drafter, drafting)  # the drafter keeps a round only if it drafted it
-        inner, tokens, n_new = commit_round(carry.round, gated, drafted, cache, features, verdict, active, self.tokens_per_round)
-        return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
+        empty = (carry, jnp.zeros((b, width), jnp.int32), jnp.zeros((b,), jnp.int32))
+        return run_branch(k, [at(j) for j in range(self.k_max + 1)], empty)
 
     def observe_round_seconds(self, carry: SmartSpecCarry, k: jax.Array, seconds: jax.Array) -> SmartSpecCarry:
         """The carry with the cost of a round at k (int32 `[]`; < 0: none observed) moved toward
@@ -396,25 +387,6 @@ class SmartSpecAt:
 def _check_drafter(drafter) -> None:
     if not (hasattr(drafter, "absorb") and hasattr(drafter, "start")):
         raise ValueError(f"SmartSpec needs a language-model drafter (a jspec.models.Transformer), got {type(drafter).__name__}")
-
-
-def root_only(last: jax.Array, k_max: int, vocab_size: int, state) -> DraftedTree:
-    """A chain of k_max slots with only the root `last [B]` valid: what a k = 0 round scores."""
-    b, n = last.shape[0], k_max + 1
-    tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(last)
-    valid = jnp.broadcast_to(jnp.arange(n) == 0, (b, n))
-    return drafted_chain(tokens, valid, jnp.zeros((b, n, vocab_size), jnp.float32), state)
-
-
-@dataclasses.dataclass(frozen=True)
-class CommitWhen:
-    """The drafter, committing a round only `when` (bool `[]`); its state is left as it was otherwise."""
-
-    drafter: object
-    when: jax.Array
-
-    def commit(self, state, accepted):
-        return jax.lax.cond(self.when, self.drafter.commit, lambda state, accepted: state, state, accepted)
 
 
 def with_round_seconds(carry: SmartSpecCarry, seconds) -> SmartSpecCarry:
