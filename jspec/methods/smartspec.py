@@ -28,7 +28,8 @@ Where k is chosen: `round` chooses it on the device every round (`jspec.decode`'
 `round_at(k)` as one of k_max + 1 branches (`jspec.rounds.run_branch`), so a drafting round is a
 fixed chain's, with no cut-chain machinery. The branches still cost something: SmolLM2 in bfloat16,
 batch 1, CPU, a round forced to k = 2 took 33.2 ms against a fixed chain's 31.3 at 256 tokens of
-context, and a k = 0 round 1.1 ms (256 tokens) to 4.6 ms (896) more than a plain decoding round. A
+context, and a k = 0 round 1.1 ms (256 tokens) to 3.0-4.6 ms (896) more than a plain decoding round
+(the loop around the pass: called directly, the same round costs what the plain one does). A
 serving engine (`jspec.serve.Engine`) chooses k between its compiled steps (`prepare_step`, which
 also feeds the drafter its pending roots when due) and runs the step at that k (`at_k`, one program
 per k): no branch in a round, so a k = 0 round costs what a plain decoding round does.
