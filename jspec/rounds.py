@@ -126,7 +126,9 @@ def run_branch(index: jax.Array, branches, operand):
     pytree) to a pytree of the same shapes. Each branch is a `while_loop` that its index runs once
     and the others skip, instead of a `lax.switch`: XLA updates a loop's carried buffers (the
     caches) in place, where it copied the whole cache into and out of a conditional's branches
-    (four copies per round in `score_tree`, a k = 0 round of SmartSpec at 1.4 plain rounds)."""
+    (four copies per round in `score_tree`, a k = 0 round of SmartSpec at 1.4 plain rounds). A
+    model pass inside such a loop still costs more than outside it (about 2 ms a round at batch 1,
+    SmolLM2 on a CPU; docs/benchmarks.md)."""
     for i, branch in enumerate(branches):
 
         def once(carry, branch=branch):
@@ -134,6 +136,13 @@ def run_branch(index: jax.Array, branches, operand):
 
         _, operand = jax.lax.while_loop(lambda carry: carry[0], once, (index == i, operand))
     return operand
+
+
+def pad_tokens(tokens: jax.Array, width: int) -> jax.Array:
+    """Emitted tokens `[B, E]` padded to `[B, width]` (E <= width): a round that may emit fewer
+    than `tokens_per_round` (a branch at a shorter k) returns its strategy's width. The padding is
+    never read: the loop keeps each row's n_new."""
+    return jnp.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
 
 
 def commit_round(

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jspec.methods.chain import draft_chain, verify_cut_chain
-from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, run_branch, score_tree
+from jspec.methods.chain import draft_chain, fixed_chain_round, verify_cut_chain
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, pad_tokens, prefix_sizes, run_branch, score_tree
 from jspec.validation import check_real
 
 
@@ -173,23 +173,18 @@ class AdaptiveK(SpeculativeStrategy):
         return inner, tokens, n_new, verdict.accepted, drafts
 
     def _fixed_chain_round(self, target, drafter, inner: RoundCarry, k: jax.Array, active, sampling, key):
-        """At batch 1 the row's k (int32 `[]`) is the round's: a round of a fixed chain of k drafts,
-        one branch per k (`jspec.rounds.run_branch`), with none of a cut chain's machinery (about
-        2.3 ms a round for SmolLM2 on a CPU: the drafter's conds and the run-time prefix choice).
-        Returns (carry, tokens `[1, k_max + 1]`, n_new, accepted)."""
-        key_draft, key_verify = jax.random.split(key)
-        width = self.tokens_per_round
+        """At batch 1 the row's k (int32 `[]`) is the round's: a fixed chain of k drafts
+        (`jspec.methods.chain.fixed_chain_round`), one branch per k (`jspec.rounds.run_branch`),
+        without the cut chain's conds and run-time prefix choice (the branches' loop costs about
+        2 ms a round itself; SmolLM2, CPU). Returns (carry, tokens `[1, k_max + 1]`, n_new,
+        accepted)."""
 
         def at(j: int):
             def branch(operand):
-                inner = operand[0]
-                drafted = draft_chain(drafter, inner.drafter, inner.last, j, sampling, key_draft)
-                logits, cache, features = score_tree(target, inner.target_cache, drafted, drafter.feature_layers)
-                verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
-                inner, tokens, n_new = commit_round(inner, drafter, drafted, cache, features, verdict, active, j + 1)
-                return inner, jnp.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), n_new, verdict.accepted
+                inner, tokens, n_new, accepted = fixed_chain_round(target, drafter, operand[0], j, active, sampling, key)
+                return inner, pad_tokens(tokens, self.tokens_per_round), n_new, accepted
 
             return branch
 
-        empty = (inner, jnp.zeros((1, width), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        empty = (inner, jnp.zeros((1, self.tokens_per_round), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         return run_branch(k - 1, [at(j) for j in range(1, self.k_max + 1)], empty)

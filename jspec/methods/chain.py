@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jspec.methods.early_stop import level_features
 from jspec.models import causal_mask
-from jspec.rounds import SpeculativeStrategy, prefix_sizes
+from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, prefix_sizes, score_tree
 from jspec.sampling import Sampling, sample, warp
 from jspec.trees.draft import DraftedTree
 from jspec.trees.tree import Tree
@@ -126,6 +126,19 @@ def verify_cut_chain(key, drafted: DraftedTree, logits: jax.Array, sampling: Sam
     norm((p - q)+)), and a one-hot q makes it the deterministic-proposal rule (accept with p(x))."""
     verifier = verify_tree_greedy if sampling.greedy else verify_tree_iid
     return verifier(key, drafted.tree, drafted.draft_probs, warp(logits, sampling))
+
+
+def fixed_chain_round(target, drafter, carry: RoundCarry, k: int, active, sampling: Sampling, key):
+    """A round of a chain of exactly k drafts (a static int), drafted, scored in one target pass,
+    verified by the chain walk (`verify_cut_chain`) and committed: what an adaptive strategy runs
+    once it has chosen k (`AdaptiveK` at batch 1, `SmartSpec`). Returns the carry, the emitted
+    tokens `[B, k + 1]`, how many each row emitted `[B]` and the drafts it accepted `[B]`."""
+    key_draft, key_verify = jax.random.split(key)
+    drafted = draft_chain(drafter, carry.drafter, carry.last, k, sampling, key_draft)
+    logits, cache, features = score_tree(target, carry.target_cache, drafted, drafter.feature_layers)
+    verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
+    carry, tokens, n_new = commit_round(carry, drafter, drafted, cache, features, verdict, active, k + 1)
+    return carry, tokens, n_new, verdict.accepted
 
 
 def keeps_drafting(stop, logits: jax.Array, log_path: jax.Array, depth: int) -> jax.Array:

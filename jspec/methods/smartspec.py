@@ -58,8 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from jspec.methods.adaptive import expected_chain_tokens, round_counts
-from jspec.methods.chain import draft_chain, verify_cut_chain
-from jspec.rounds import RoundCarry, SpeculativeStrategy, commit_round, plain_step, run_branch, score_tree
+from jspec.methods.chain import fixed_chain_round
+from jspec.rounds import RoundCarry, SpeculativeStrategy, pad_tokens, plain_step, run_branch
 from jspec.validation import check_int
 
 
@@ -259,7 +259,7 @@ class SmartSpec(SpeculativeStrategy):
                 due = carry.n_pending > 0 if j > 0 else carry.n_pending >= self.lag
                 carry = self._catch_up(drafter, carry, active, jnp.any(active & due))
                 carry, tokens, n_new = self.round_at(j, target, drafter, carry, active, sampling, key)
-                return carry, jnp.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), n_new
+                return carry, pad_tokens(tokens, width), n_new
 
             return branch
 
@@ -302,12 +302,8 @@ class SmartSpec(SpeculativeStrategy):
             cache, token = plain_step(target, inner.target_cache, inner.last, active, sampling, key)
             inner = dataclasses.replace(inner, target_cache=cache, last=jnp.where(active, token, inner.last))
             return self._observe(carry, inner, 0, jnp.zeros_like(token), active), token[:, None], jnp.ones_like(token)
-        key_draft, key_verify = jax.random.split(key)
-        drafted = draft_chain(drafter, carry.round.drafter, carry.round.last, k, sampling, key_draft)
-        logits, cache, features = score_tree(target, carry.round.target_cache, drafted, drafter.feature_layers)
-        verdict = verify_cut_chain(key_verify, drafted, logits, sampling)
-        inner, tokens, n_new = commit_round(carry.round, drafter, drafted, cache, features, verdict, active, k + 1)
-        return self._observe(carry, inner, k, verdict.accepted, active), tokens, n_new
+        inner, tokens, n_new, accepted = fixed_chain_round(target, drafter, carry.round, k, active, sampling, key)
+        return self._observe(carry, inner, k, accepted, active), tokens, n_new
 
     def without_drafter(self, carry: SmartSpecCarry) -> tuple[SmartSpecCarry, object]:
         """The carry without the drafter's state (None in its place), and that state: what a
